@@ -1,0 +1,17 @@
+"""Parcae: stable looped language models (arXiv 2604.12946)."""
+
+from .config import ParcaeConfig, count_params, get_preset, preset_names
+from .model.parcae import Parcae, ParcaeOutput
+from .model.recurrence import DepthPlan, DepthSampler
+
+__all__ = [
+    "DepthPlan",
+    "DepthSampler",
+    "Parcae",
+    "ParcaeConfig",
+    "ParcaeOutput",
+    "count_params",
+    "get_preset",
+    "preset_names",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,286 @@
+"""`ParcaeConfig`: the single source of truth for a model's shape and recipe, plus named presets.
+
+Field names follow the paper's vocabulary (μ_rec = `mean_recurrence`, μ_bwd = `backprop_depth`).
+Defaults are the paper's Parcae recipe (the 140M model of Table 18); a preset or explicit fields
+override them. Derived fields left as `None` are resolved in `__post_init__`, so a saved
+`config.json` always holds concrete numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+INJECTIONS = ("diagonal", "diagonal-zoh", "linear", "add")
+DEPTH_SAMPLING = ("per-sequence", "per-batch", "per-token", "fixed")
+STATE_INITS = ("like-init", "zero", "normal")
+MLPS = ("relu2", "swiglu")
+
+# The value-embedding gate reads the first 32 channels of the normed block input (official-notes §1).
+VE_GATE_CHANNELS = 32
+
+
+@dataclass(frozen=True)
+class ParcaeConfig:
+    """Shape and recipe of a Parcae model (or, with `n_core = 0`, a fixed-depth Transformer)."""
+
+    vocab_size: int = 32768
+    d_model: int = 768
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None: = n_heads (no GQA)
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_mlp: int | None = None  # None: 4 · d_model
+    n_prelude: int = 2
+    n_core: int = 2  # 0 = fixed-depth Transformer (prelude + coda only)
+    n_coda: int = 2
+    d_state: int | None = None  # recurrent state width d_h; None: = d_model
+    max_seq_len: int = 2048
+
+    # The loop.
+    injection: str = "diagonal"
+    prelude_norm: bool = True
+    mean_recurrence: int = 8  # μ_rec: mean training depth, and the default test-time depth
+    backprop_depth: int | None = None  # μ_bwd; None: ⌈μ_rec / 2⌉ (paper Eq. 6)
+    depth_sampling: str = "per-sequence"
+    state_init: str = "like-init"
+
+    # Blocks.
+    value_embeddings: bool = True
+    qk_norm: bool = True
+    mlp: str = "relu2"
+    tie_embeddings: bool = True
+    rope_base: float = 50_000.0
+    norm_eps: float = 1e-5
+
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        resolved = {
+            "n_kv_heads": self.n_heads if self.n_kv_heads is None else self.n_kv_heads,
+            "head_dim": (self.d_model // self.n_heads if self.n_heads > 0 else 0)
+            if self.head_dim is None
+            else self.head_dim,
+            "d_mlp": 4 * self.d_model if self.d_mlp is None else self.d_mlp,
+            "d_state": self.d_model if self.d_state is None else self.d_state,
+            "backprop_depth": math.ceil(self.mean_recurrence / 2)
+            if self.backprop_depth is None
+            else self.backprop_depth,
+        }
+        for key, value in resolved.items():
+            object.__setattr__(self, key, value)
+        self._validate()
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        def fail(sentence: str) -> None:
+            raise ValueError(f"Invalid ParcaeConfig ({self.name}): {sentence}")
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(f"{name} must be a positive integer, got {value!r}.")
+
+        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_mlp", "max_seq_len"):
+            positive(name)
+        for name in ("n_prelude", "n_core", "n_coda"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(f"{name} must be a non-negative integer, got {value!r}.")
+        if self.n_layers == 0:
+            fail("the model needs at least one layer (n_prelude + n_core + n_coda ≥ 1).")
+        if self.head_dim is not None and self.head_dim % 2:
+            fail(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if self.n_heads * self.head_dim != self.d_model:
+            fail(
+                f"d_model ({self.d_model}) must equal n_heads × head_dim "
+                f"({self.n_heads} × {self.head_dim}); pick a d_model divisible by the head count."
+            )
+        if self.n_heads % self.n_kv_heads:
+            fail(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}).")
+        if self.value_embeddings and self.d_model < VE_GATE_CHANNELS:
+            fail(f"value embeddings need d_model ≥ {VE_GATE_CHANNELS} (their gate reads that many channels).")
+        if self.rope_base <= 0:
+            fail(f"rope_base must be positive, got {self.rope_base}.")
+        if self.norm_eps <= 0:
+            fail(f"norm_eps must be positive, got {self.norm_eps}.")
+        if self.mlp not in MLPS:
+            fail(f"unknown mlp {self.mlp!r}; choose one of {', '.join(MLPS)}.")
+        if self.injection not in INJECTIONS:
+            fail(f"unknown injection {self.injection!r}; choose one of {', '.join(INJECTIONS)}.")
+        if self.depth_sampling not in DEPTH_SAMPLING:
+            fail(f"unknown depth_sampling {self.depth_sampling!r}; choose one of {', '.join(DEPTH_SAMPLING)}.")
+        if self.state_init not in STATE_INITS:
+            fail(f"unknown state_init {self.state_init!r}; choose one of {', '.join(STATE_INITS)}.")
+        positive("mean_recurrence")
+        positive("backprop_depth")
+        positive("d_state")
+        if self.depth_sampling == "fixed" and self.backprop_depth > self.mean_recurrence:
+            fail(
+                f"backprop_depth ({self.backprop_depth}) cannot exceed mean_recurrence "
+                f"({self.mean_recurrence}) with fixed depth sampling."
+            )
+        if self.n_core == 0:
+            return
+        if self.d_state % self.head_dim:
+            fail(f"d_state ({self.d_state}) must be a multiple of head_dim ({self.head_dim}) for the core blocks.")
+        if (self.core_heads * self.n_kv_heads) % self.n_heads:
+            fail(f"the core's {self.core_heads} heads cannot keep the GQA ratio {self.n_heads}:{self.n_kv_heads}.")
+        if (self.d_mlp * self.d_state) % self.d_model:
+            fail(f"d_mlp × d_state / d_model must be an integer (core MLP width); got {self.d_mlp}, {self.d_state}.")
+        if self.injection == "add" and self.d_state != self.d_model:
+            fail(
+                f"injection 'add' needs d_state == d_model (h + e), got d_state {self.d_state} "
+                f"and d_model {self.d_model}."
+            )
+        if self.value_embeddings and self.d_state < VE_GATE_CHANNELS:
+            fail(f"value embeddings need d_state ≥ {VE_GATE_CHANNELS} (their gate reads that many channels).")
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def n_layers(self) -> int:
+        """Distinct layers (the core counted once)."""
+        return self.n_prelude + self.n_core + self.n_coda
+
+    @property
+    def is_looped(self) -> bool:
+        return self.n_core > 0
+
+    @property
+    def core_heads(self) -> int:
+        """Heads of a core block; the core has no GQA (as in the official code)."""
+        return self.d_state // self.head_dim
+
+    @property
+    def core_kv_heads(self) -> int:
+        """KV heads of a core block: the same grouping ratio as the prelude and coda."""
+        return self.core_heads * self.n_kv_heads // self.n_heads
+
+    @property
+    def core_d_mlp(self) -> int:
+        return self.d_mlp * self.d_state // self.d_model
+
+    @property
+    def init_std(self) -> float:
+        """σ = √(2 / (5·d)), the paper's base init std (Takase "scaled")."""
+        return math.sqrt(2.0 / (5.0 * self.d_model))
+
+    def has_value_embedding(self, layer_index: int) -> bool:
+        """Alternating layers, always including the last one (nanochat's rule; official-notes §1).
+
+        `layer_index` counts distinct layers: prelude 0.., core n_prelude.., coda n_prelude+n_core..
+        The same rule decides both the table and the gate, so they can never disagree.
+        """
+        return self.value_embeddings and layer_index % 2 == (self.n_layers - 1) % 2
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ParcaeConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown ParcaeConfig field(s): {', '.join(unknown)}.")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ParcaeConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object of ParcaeConfig fields.")
+        return cls.from_dict(data)
+
+    def replace(self, **overrides: Any) -> ParcaeConfig:
+        """A copy with some fields changed; derived fields are re-derived unless given."""
+        data = self.to_dict()
+        derived = ("n_kv_heads", "head_dim", "d_mlp", "d_state", "backprop_depth")
+        base = {f.name: getattr(ParcaeConfig, f.name, None) for f in dataclasses.fields(self)}
+        # Re-derive a derived field when what it depends on changes and it was not set explicitly.
+        dependencies = {
+            "n_kv_heads": ("n_heads",),
+            "head_dim": ("d_model", "n_heads"),
+            "d_mlp": ("d_model",),
+            "d_state": ("d_model",),
+            "backprop_depth": ("mean_recurrence",),
+        }
+        for name in derived:
+            if name not in overrides and any(dep in overrides for dep in dependencies[name]):
+                data[name] = base[name]
+        unknown = sorted(set(overrides) - set(data))
+        if unknown:
+            raise ValueError(f"Unknown ParcaeConfig field(s): {', '.join(unknown)}.")
+        data.update(overrides)
+        return ParcaeConfig(**data)
+
+
+# ---------------------------------------------------------------------- presets
+# Paper sizes (digest §3.4, Table 18/21): vocab 32768, context 2048, μ_rec 8 / μ_bwd 4.
+_PAPER_SIZES: dict[str, dict[str, int]] = {
+    "140m": {"d_model": 768, "n_heads": 6, "d_mlp": 3072, "per_part": 2},
+    "370m": {"d_model": 1024, "n_heads": 8, "d_mlp": 4096, "per_part": 4},
+    "770m": {"d_model": 1280, "n_heads": 10, "d_mlp": 5120, "per_part": 6},
+    "1.3b": {"d_model": 1536, "n_heads": 12, "d_mlp": 6144, "per_part": 8},
+}
+
+# Tiny CPU models: the shape of the reference measurements (../shared/docs/measurements.md):
+# d 128, 2 heads, 2/2/2 layers, MLP 512, byte-level vocabulary (256 bytes + 3 specials, padded to 320).
+_TINY = {"vocab_size": 320, "d_model": 128, "n_heads": 2, "d_mlp": 512, "max_seq_len": 256}
+
+
+def _build_presets() -> dict[str, dict[str, Any]]:
+    presets: dict[str, dict[str, Any]] = {}
+    for size, shape in _PAPER_SIZES.items():
+        blocks = {"d_model": shape["d_model"], "n_heads": shape["n_heads"], "d_mlp": shape["d_mlp"]}
+        per_part = shape["per_part"]
+        presets[f"parcae-{size}"] = {**blocks, "n_prelude": per_part, "n_core": per_part, "n_coda": per_part}
+        # The fixed-depth Transformer: the same blocks, 3·per_part layers, no loop.
+        presets[f"gpt-{size}"] = {**blocks, "n_prelude": 3 * per_part, "n_core": 0, "n_coda": 0}
+    presets["parcae-tiny"] = {**_TINY, "n_prelude": 2, "n_core": 2, "n_coda": 2}
+    # Parameter-matched to parcae-tiny (within 1 %): untying the head pays for Parcae's B, C and
+    # injection vectors, as in the reference measurements' 6-layer Transformer.
+    presets["gpt-tiny"] = {**_TINY, "n_prelude": 6, "n_core": 0, "n_coda": 0, "tie_embeddings": False}
+    # The RDM baselines of the paper (Table 1): additive and concat-projection injection, no prelude norm.
+    presets["rdm-add-tiny"] = {**presets["parcae-tiny"], "injection": "add", "prelude_norm": False}
+    presets["rdm-linear-tiny"] = {**presets["parcae-tiny"], "injection": "linear", "prelude_norm": False}
+    # A smaller model for fast tests and smoke runs.
+    presets["parcae-micro"] = {
+        "vocab_size": 320, "d_model": 64, "n_heads": 2, "d_mlp": 256, "max_seq_len": 128,
+        "n_prelude": 1, "n_core": 1, "n_coda": 1, "mean_recurrence": 4,
+    }  # fmt: skip
+    return presets
+
+
+PRESETS: dict[str, dict[str, Any]] = _build_presets()
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> ParcaeConfig:
+    """A named preset, optionally with fields overridden (e.g. `injection="linear"` for the RDM baseline)."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; available: {', '.join(PRESETS)}.")
+    return ParcaeConfig(**{**PRESETS[name], "name": name, **overrides})
+
+
+def count_params(cfg: ParcaeConfig) -> int:
+    """Exact number of unique parameters (tied embeddings counted once), built on the meta device."""
+    import torch
+
+    from .model.parcae import Parcae
+
+    with torch.device("meta"):
+        model = Parcae(cfg)
+    return sum(p.numel() for p in model.parameters())

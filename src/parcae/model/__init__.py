@@ -1,0 +1,1 @@
+"""Model components: layers, injections, the loop and the Parcae model."""

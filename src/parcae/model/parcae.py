@@ -1,0 +1,364 @@
+"""The Parcae model: embed → prelude → prelude norm → loop (inject, core × T) → C → coda → norm → head.
+
+`n_core = 0` gives the fixed-depth Transformer with the same blocks (embed → prelude → coda → head).
+Read top-down: `forward` is the whole data path; the loop itself lives in `recurrence.run_loop`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ParcaeConfig
+from .injection import build_injection
+from .layers import Block, RMSNorm, Rotary, scaled_orthogonal_
+from .recurrence import DepthPlan, DepthSampler, mix_seed, run_loop
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+IGNORE_INDEX = -100
+# Logits materialised at once by the memory-saving loss path (elements; 32 Mi fp32 = 128 MiB).
+_LOSS_CHUNK_ELEMENTS = 1 << 25
+_STATE_SEED_SALT = 0x5EED  # keeps h₀'s seeded stream apart from the depth sampler's
+
+
+@dataclass
+class ParcaeOutput:
+    """`loss` (mean CE over labelled tokens), `logits` [B, L, V] and loop telemetry in `metrics`.
+
+    metrics (looped models): `rho_A` ρ(Ā); `state_norm` mean ‖h_T‖₂ per token; `recurrent_residual`
+    mean ‖h_T − h_{T−1}‖₂ per token; `mean_depth`; `sampled_core_passes` Σ_rows T_row;
+    `executed_core_passes` row-iterations actually computed. Tensors are detached 0-d tensors (no
+    device sync until read); pass counts are Python numbers.
+    """
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Parcae(nn.Module):
+    def __init__(self, config: ParcaeConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Value-embedding tables, keyed by distinct-layer index (prelude 0.., core, coda); the core's
+        # tables serve every iteration, and their lookups are done once per forward.
+        self.value_embeds = nn.ModuleDict(
+            {
+                str(i): nn.Embedding(cfg.vocab_size, self._kv_width(i))
+                for i in range(cfg.n_layers)
+                if cfg.has_value_embedding(i)
+            }
+        )
+        self.prelude = nn.ModuleList(self._block(i) for i in range(cfg.n_prelude))
+        if cfg.is_looped:
+            self.prelude_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.prelude_norm else None
+            self.injection = build_injection(cfg.injection, cfg.d_state, cfg.d_model)
+            self.core = nn.ModuleList(self._block(cfg.n_prelude + j) for j in range(cfg.n_core))
+            self.readout = nn.Linear(cfg.d_state, cfg.d_model, bias=False)  # the paper's C
+        self.coda = nn.ModuleList(self._block(cfg.n_prelude + cfg.n_core + j) for j in range(cfg.n_coda))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.depth_sampler = DepthSampler(cfg)
+        self.tie_weights()
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction
+    def _is_core(self, layer: int) -> bool:
+        return self.config.n_prelude <= layer < self.config.n_prelude + self.config.n_core
+
+    def _kv_width(self, layer: int) -> int:
+        cfg = self.config
+        heads = cfg.core_kv_heads if self._is_core(layer) else cfg.n_kv_heads
+        return heads * cfg.head_dim
+
+    def _block(self, layer: int) -> Block:
+        cfg = self.config
+        core = self._is_core(layer)
+        return Block(
+            cfg.d_state if core else cfg.d_model,
+            cfg.core_heads if core else cfg.n_heads,
+            cfg.core_kv_heads if core else cfg.n_kv_heads,
+            cfg.head_dim,
+            cfg.core_d_mlp if core else cfg.d_mlp,
+            mlp=cfg.mlp,
+            qk_norm=cfg.qk_norm,
+            value_gate=cfg.has_value_embedding(layer),
+            norm_eps=cfg.norm_eps,
+        )
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The paper's init (official `scaled-zero` + orthogonal; official-notes §1)."""
+        std = self.config.init_std
+        scaled_orthogonal_(self.embed.weight, std)
+        if not self.config.tie_embeddings:
+            scaled_orthogonal_(self.lm_head.weight, std)
+        for table in self.value_embeds.values():
+            nn.init.normal_(table.weight)  # N(0, 1): nn.Embedding's default, as the official code
+        for block in self.blocks():
+            block.reset_parameters(std)
+        if self.config.is_looped:
+            if self.prelude_norm is not None:
+                self.prelude_norm.weight.fill_(1.0)
+            self.injection.reset_parameters(std)
+            scaled_orthogonal_(self.readout.weight, std)
+        self.final_norm.weight.fill_(1.0)
+
+    def blocks(self) -> list[Block]:
+        core = list(self.core) if self.config.is_looped else []
+        return [*self.prelude, *core, *self.coda]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        *,
+        num_steps: int | None = None,
+        depth_plan: DepthPlan | None = None,
+        step: int | None = None,
+        state_seed: int | None = None,
+        return_logits: bool = True,
+    ) -> ParcaeOutput:
+        """Run the model.
+
+        Depth: `depth_plan` if given; else `num_steps` (fixed; in training the last μ_bwd steps carry
+        gradient); else, in training, depths sampled per `config.depth_sampling` (seeded from
+        (seed, `step`, rank) when `step` is given); else (eval) `mean_recurrence`. Eval never samples.
+        h₀: seeded by `state_seed`; in eval it defaults to seed 0, so eval outputs are deterministic.
+        `return_logits=False` with labels skips materialising [B, L, V] logits (chunked loss).
+        """
+        cfg = self.config
+        batch, seq_len = self._check_inputs(input_ids, labels)
+        plan = self._depth_plan(batch, seq_len, num_steps, depth_plan, step) if cfg.is_looped else None
+        cos, sin = self.rotary.tables(seq_len)
+        value_embeds = {int(i): table(input_ids) for i, table in self.value_embeds.items()}
+
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.prelude):
+            x = block(x, cos, sin, value_embeds.get(i))
+
+        metrics: dict[str, Any] = {}
+        if plan is not None:
+            e = self.prelude_norm(x) if self.prelude_norm is not None else x
+            h = self._initial_state(e, state_seed, step)
+            drive, shared = self.injection.prepare(e)  # loop invariants, computed once
+            core_layers = range(cfg.n_prelude, cfg.n_prelude + cfg.n_core)
+            core_value_embeds = [value_embeds[i] for i in core_layers if i in value_embeds]
+
+            def core_step(h_rows: Tensor, drive_rows: Tensor, *ve_rows: Tensor) -> Tensor:
+                y = self.injection.step(h_rows, drive_rows, shared)
+                ve_iter = iter(ve_rows)
+                for layer, block in zip(core_layers, self.core, strict=True):
+                    y = block(y, cos, sin, next(ve_iter) if layer in value_embeds else None)
+                return y
+
+            loop = run_loop(core_step, h, plan, [drive, *core_value_embeds])
+            with torch.no_grad():
+                metrics = {
+                    "rho_A": self.injection.spectral_radius(),
+                    "state_norm": loop.state.detach().float().norm(dim=-1).mean(),
+                    "recurrent_residual": loop.residual,
+                    "mean_depth": loop.sampled_passes / batch,
+                    "sampled_core_passes": loop.sampled_passes,
+                    "executed_core_passes": loop.executed_passes,
+                }
+            x = self.readout(loop.state)
+
+        coda_offset = cfg.n_prelude + cfg.n_core
+        for j, block in enumerate(self.coda):
+            x = block(x, cos, sin, value_embeds.get(coda_offset + j))
+        x = self.final_norm(x)
+
+        if labels is not None and not return_logits:
+            return ParcaeOutput(loss=self._chunked_loss(x, labels), metrics=metrics)
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = _masked_mean_ce(logits.float(), labels)
+        return ParcaeOutput(loss=loss, logits=logits, metrics=metrics)
+
+    # ------------------------------------------------------------------ forward helpers
+    def _check_inputs(self, input_ids: Tensor, labels: Tensor | None) -> tuple[int, int]:
+        """Clear errors before any compute (one device sync for the value-range check)."""
+        cfg = self.config
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, seq_len] tensor, got {shape}.")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+        batch, seq_len = input_ids.shape
+        if batch == 0 or seq_len == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}).")
+        if seq_len > cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {cfg.max_seq_len}.")
+        checks = [input_ids.min(), input_ids.max()]
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}.")
+            valid = labels[labels != IGNORE_INDEX]
+            if valid.numel():
+                checks += [valid.min(), valid.max()]
+        low_id, high_id, *label_range = torch.stack(checks).tolist()
+        if low_id < 0 or high_id >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got ids in [{low_id}, {high_id}].")
+        if label_range and (label_range[0] < 0 or label_range[1] >= cfg.vocab_size):
+            raise ValueError(
+                f"labels must lie in [0, {cfg.vocab_size}) or be {IGNORE_INDEX}, "
+                f"got labels in [{label_range[0]}, {label_range[1]}]."
+            )
+        return batch, seq_len
+
+    def _depth_plan(
+        self, batch: int, seq_len: int, num_steps: int | None, depth_plan: DepthPlan | None, step: int | None
+    ) -> DepthPlan:
+        if depth_plan is not None:
+            depth_plan.check(batch, seq_len)
+            return depth_plan
+        if num_steps is not None or not self.training:
+            depth = self.config.mean_recurrence if num_steps is None else num_steps
+            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+                raise ValueError(f"num_steps must be a positive integer, got {depth!r}.")
+            # Training truncates backprop to the last μ_bwd steps; eval leaves gradients to the caller.
+            grad_steps = self.config.backprop_depth if self.training else depth
+            return DepthPlan.fixed(batch, depth, grad_steps)
+        return self.depth_sampler.sample(batch, seq_len, step)
+
+    def _initial_state(self, e: Tensor, state_seed: int | None, step: int | None) -> Tensor:
+        cfg = self.config
+        shape = (*e.shape[:-1], cfg.d_state)
+        if cfg.state_init == "zero":
+            return torch.zeros(shape, dtype=e.dtype, device=e.device)
+        generator = None
+        if state_seed is not None:
+            generator = torch.Generator(device=e.device).manual_seed(state_seed)
+        elif not self.training:
+            generator = torch.Generator(device=e.device).manual_seed(0)
+        elif step is not None:
+            sampler = self.depth_sampler
+            seed = mix_seed(sampler.seed, step, 0 if sampler.lockstep else sampler.rank, _STATE_SEED_SALT)
+            generator = torch.Generator(device=e.device).manual_seed(seed)
+        std = cfg.init_std
+        h = torch.empty(shape, dtype=e.dtype, device=e.device)
+        if cfg.state_init == "like-init":
+            return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=generator)
+        return h.normal_(0.0, std, generator=generator)
+
+    def _chunked_loss(self, x: Tensor, labels: Tensor) -> Tensor:
+        """Mean CE without holding all logits: chunks of tokens, each recomputed in backward."""
+        hidden, targets = x.flatten(0, 1), labels.flatten()
+        chunk = max(1, _LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        if hidden.shape[0] <= chunk:
+            return _masked_mean_ce(self.lm_head(hidden).float(), targets)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            total = total + checkpoint(
+                _ce_sum, hidden[start : start + chunk], self.lm_head.weight, targets[start : start + chunk],
+                use_reentrant=False,
+            )  # fmt: skip
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `config.json` and `model.safetensors` (the tied head stored once)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            name: tensor.detach().contiguous()
+            for name, tensor in self.state_dict().items()
+            if not (self.config.tie_embeddings and name == "lm_head.weight")
+        }
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "parcae", "version": "1"})
+        self.config.save(directory / CONFIG_FILE)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> Parcae:
+        """Load a model saved by `save_pretrained`; every tensor must match (strict), else ValueError."""
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found (expected a save_pretrained directory).")
+        config = ParcaeConfig.load(directory / CONFIG_FILE)
+        try:
+            state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"cannot read {directory / WEIGHTS_FILE}: {err}") from None
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_weights(state, device=device)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    def load_weights(self, state: dict[str, Tensor], device: str | torch.device | None = None) -> None:
+        """Strictly load a state dict (tied head optional); ValueError naming any mismatched keys."""
+        expected = {
+            name: tuple(t.shape)
+            for name, t in self.state_dict().items()
+            if not (self.config.tie_embeddings and name == "lm_head.weight")
+        }
+        state = {k: v for k, v in state.items() if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing {_summarise(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {_summarise(unexpected)}")
+            if wrong:
+                details = [f"{k} {tuple(state[k].shape)} ≠ {expected[k]}" for k in wrong]
+                parts.append(f"wrong shape {_summarise(details)}")
+            raise ValueError(f"weights do not match the {self.config.name} config: " + "; ".join(parts) + ".")
+        if any(p.is_meta for p in self.parameters()):
+            self.to_empty(device=device or "cpu")
+            self.tie_weights()
+            self.rotary = Rotary(self.config.head_dim, self.config.max_seq_len, self.config.rope_base).to(
+                device or "cpu"
+            )
+        if self.config.tie_embeddings:
+            state = {**state, "lm_head.weight": state["embed.weight"]}
+        self.load_state_dict(state, strict=True)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _masked_mean_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross entropy over tokens whose label is not IGNORE_INDEX (0 when there are none)."""
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _summarise(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def read_config(directory: str | Path) -> ParcaeConfig:
+    """The config of a saved model directory, without loading weights."""
+    return ParcaeConfig.load(Path(directory) / CONFIG_FILE)
