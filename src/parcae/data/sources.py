@@ -1,0 +1,259 @@
+"""Document sources, named by one spec string everywhere (CLI, configs, `prepare`).
+
+Specs:
+  `stdlib`                      the `.py` files of the running interpreter's standard library (the
+                                embedded default corpus); id = path relative to the stdlib root.
+  a path                        `.txt` (one document per file; id = relative path), `.jsonl` (one per line,
+                                id = `relative/path.jsonl:LINE`, 1-based), `.parquet` (one per row,
+                                id = `relative/path.parquet:ROW`, 0-based), or a directory of such files,
+                                read recursively in sorted order (other files are ignored).
+  `hf:NAME[:CONFIG][@SPLIT]`    a streamed Hugging Face dataset (`SPLIT` defaults to "train");
+                                id = `NAME:INDEX`.
+
+Train/val: every document goes to "val" iff a stable hash (BLAKE2b) of its id, mod 10 000, is below
+`val_fraction · 10 000`. The assignment depends only on the id, so it survives re-ordering, re-reading
+and growing the corpus, and never needs a second pass over a stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "val", "all")
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_HASH_BUCKETS = 10_000
+_SKIPPED_STDLIB_DIRS = ("site-packages", "dist-packages")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed spec: `kind` is "stdlib", "path" or "hf"."""
+
+    kind: str
+    path: Path | None = None  # kind == "path"
+    name: str | None = None  # kind == "hf"
+    config: str | None = None
+    hf_split: str = "train"
+
+
+def parse_spec(spec: str) -> SourceSpec:
+    """Parse a spec string (see the module docstring); the path itself is checked later.
+
+    "stdlib" always means the embedded corpus: write "./stdlib" for a directory of that name.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("The data spec is empty; use 'stdlib', a file or directory path, or 'hf:NAME'.")
+    if spec == "stdlib":
+        return SourceSpec("stdlib")
+    if spec.startswith("hf:"):
+        rest, at, hf_split = spec[3:].partition("@")
+        name, colon, config = rest.partition(":")
+        if not name or (colon and not config) or (at and not hf_split):
+            raise ValueError(f"Malformed Hugging Face spec {spec!r}; expected 'hf:NAME[:CONFIG][@SPLIT]'.")
+        return SourceSpec("hf", name=name, config=config or None, hf_split=hf_split or "train")
+    return SourceSpec("path", path=Path(spec).expanduser())
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    """ "val" or "train" for a document id, by a stable hash (see the module docstring)."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
+    bucket = int.from_bytes(digest, "little") % _HASH_BUCKETS
+    return "val" if bucket < val_fraction * _HASH_BUCKETS else "train"
+
+
+# ---------------------------------------------------------------------------------------------- stdlib
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+@lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[str, ...]:
+    """Relative posix paths of the stdlib's `.py` files, sorted (os.walk does not follow symlinks)."""
+    root = _stdlib_root()
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _SKIPPED_STDLIB_DIRS]
+        rel = Path(dirpath).relative_to(root)
+        found.extend((rel / f).as_posix() for f in filenames if f.endswith(".py"))
+    return tuple(sorted(found))
+
+
+def _read_utf8(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _iter_stdlib() -> Iterator[Document]:
+    root = _stdlib_root()
+    for rel in _stdlib_files():
+        text = _read_utf8(root / rel)
+        if text is not None:  # a handful of test fixtures are deliberately not UTF-8
+            yield Document(rel, text)
+
+
+@lru_cache(maxsize=1)
+def stdlib_summary() -> dict[str, Any]:
+    """The embedded corpus at a glance: path, UTF-8 files used, their bytes, and non-UTF-8 files skipped."""
+    root = _stdlib_root()
+    files = nbytes = skipped = 0
+    for rel in _stdlib_files():
+        data = (root / rel).read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped += 1
+            continue
+        files += 1
+        nbytes += len(data)
+    return {"path": str(root), "files": files, "bytes": nbytes, "skipped_non_utf8": skipped}
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _local_files(path: Path) -> tuple[Path, list[Path]]:
+    """(root for relative ids, files to read) for a file or directory spec."""
+    if not path.exists():
+        raise ValueError(f"Data path {path} does not exist.")
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise ValueError(f"Directory {path} holds no {', '.join(FILE_SUFFIXES)} files.")
+        return path, files
+    if path.suffix not in FILE_SUFFIXES:
+        raise ValueError(f"Unsupported data file {path}: expected one of {', '.join(FILE_SUFFIXES)}.")
+    return path.parent, [path]
+
+
+def _text_value(value: Any, text_field: str, where: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(f"{where}: field {text_field!r} is {type(value).__name__}, not a string.")
+
+
+def _iter_txt(path: Path, rel: str) -> Iterator[Document]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start}).") from None
+    yield Document(rel, text)
+
+
+def _iter_jsonl(path: Path, rel: str, text_field: str) -> Iterator[Document]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where} is not valid JSON ({exc.msg}).") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise ValueError(f"{where} has no field {text_field!r}.")
+            text = _text_value(record[text_field], text_field, where)
+            if text is not None:  # null: no document
+                yield Document(f"{rel}:{lineno}", text)
+
+
+def _iter_parquet(path: Path, rel: str, text_field: str) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("Reading .parquet files needs pyarrow: pip install parcae-looped[hf]") from None
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise ValueError(f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}).")
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field]):  # streams row groups, never the whole file
+        for value in batch.column(0).to_pylist():
+            text = _text_value(value, text_field, f"{path} row {row}")
+            if text is not None:
+                yield Document(f"{rel}:{row}", text)
+            row += 1
+
+
+def _iter_path(path: Path, text_field: str) -> Iterator[Document]:
+    root, files = _local_files(path)
+    for file in files:
+        rel = file.relative_to(root).as_posix()
+        if file.suffix == ".txt":
+            yield from _iter_txt(file, rel)
+        elif file.suffix == ".jsonl":
+            yield from _iter_jsonl(file, rel, text_field)
+        else:
+            yield from _iter_parquet(file, rel, text_field)
+
+
+# ---------------------------------------------------------------------------------------------- HF
+def _iter_hf(spec: SourceSpec, text_field: str, load_kwargs: Mapping[str, Any]) -> Iterator[Document]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("hf: data specs need the datasets package: pip install parcae-looped[hf]") from None
+    stream = datasets.load_dataset(spec.name, spec.config, split=spec.hf_split, streaming=True, **load_kwargs)
+    for index, record in enumerate(stream):
+        if text_field not in record:
+            raise ValueError(f"Dataset {spec.name} record {index} has no field {text_field!r}.")
+        text = _text_value(record[text_field], text_field, f"Dataset {spec.name} record {index}")
+        if text is not None:
+            yield Document(f"{spec.name}:{index}", text)
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def iter_documents(
+    spec: str,
+    split: str = "train",
+    *,
+    text_field: str = "text",
+    val_fraction: float = 0.01,
+    load_kwargs: Mapping[str, Any] | None = None,
+) -> Iterator[Document]:
+    """Documents of `spec` in `split` ("train", "val" or "all"), in the source's deterministic order.
+
+    Spec and path errors raise `ValueError` here, at the call; a source whose requested split turns out
+    empty raises `ValueError` when the iteration ends. `load_kwargs` go to `datasets.load_dataset` for
+    `hf:` specs (e.g. `data_files` for `hf:json`).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1]; got {val_fraction}.")
+    parsed = parse_spec(spec)
+    if parsed.kind == "stdlib":
+        docs = _iter_stdlib()
+    elif parsed.kind == "path":
+        assert parsed.path is not None
+        _local_files(parsed.path)  # fail now, not at the first next()
+        docs = _iter_path(parsed.path, text_field)
+    else:
+        docs = _iter_hf(parsed, text_field, load_kwargs or {})
+    return _filtered(docs, spec, split, val_fraction)
+
+
+def _filtered(docs: Iterator[Document], spec: str, split: str, val_fraction: float) -> Iterator[Document]:
+    count = 0
+    for doc in docs:
+        if split == "all" or split_of(doc.id, val_fraction) == split:
+            count += 1
+            yield doc
+    if count == 0:
+        raise ValueError(f"Data source {spec!r} has no documents in split {split!r}.")

@@ -1,0 +1,330 @@
+"""Tokenizers behind one small interface: a dependency-free byte tokenizer and a trained byte-level BPE.
+
+Both share the three specials `<|bos|>`, `<|eos|>`, `<|pad|>`. `encode` never emits a special (not even
+when the text literally contains "<|bos|>"): the data pipeline adds BOS itself, so a corpus about
+tokenizers cannot inject document boundaries. `token_bytes` gives the UTF-8 byte length of every id,
+which is what turns a loss in nats/token into bits per byte.
+
+A saved tokenizer is always a directory holding `tokenizer.json`: the Hugging Face file for BPE (it has
+a "model" key) or a tiny `{"kind": "byte", ...}` record for the byte tokenizer.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+BOS = "<|bos|>"
+EOS = "<|eos|>"
+PAD = "<|pad|>"
+SPECIALS = (BOS, EOS, PAD)
+TOKENIZER_FILE = "tokenizer.json"
+
+# GPT-4 (cl100k) pre-tokenization, except that digits split in groups of at most two (as the paper's
+# tokenizer does), so numbers tokenize more uniformly.
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Lone surrogates (which Python strs may hold) are stored as their 3-byte UTF-8-style form, so every str
+# round-trips through the byte tokenizer; any other invalid byte sequence decodes to U+FFFD.
+_DECODE_ERRORS = "parcae-surrogatepass-replace"
+_surrogatepass = codecs.lookup_error("surrogatepass")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogatepass_or_replace(exc: UnicodeError) -> tuple[str, int]:
+    try:
+        return _surrogatepass(exc)
+    except UnicodeDecodeError:
+        return codecs.replace_errors(exc)
+
+
+codecs.register_error(_DECODE_ERRORS, _surrogatepass_or_replace)
+
+
+def _without_surrogates(text: str) -> str:
+    return _SURROGATE.sub("\ufffd", text)
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the rest of Parcae needs from a tokenizer."""
+
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without any special token."""
+        ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; specials are dropped and invalid UTF-8 becomes U+FFFD."""
+        ...
+
+    def token_bytes(self) -> np.ndarray:
+        """int64 [vocab_size]: UTF-8 bytes each id decodes to (0 for specials)."""
+        ...
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `directory/tokenizer.json` and return its path."""
+        ...
+
+
+def _id_array(ids: Iterable[int], vocab_size: int) -> np.ndarray:
+    arr = np.asarray(ids if hasattr(ids, "__len__") else list(ids), dtype=np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise ValueError(f"Token ids must lie in [0, {vocab_size}); got {int(arr.min())}..{int(arr.max())}.")
+    return arr
+
+
+class ByteTokenizer:
+    """Ids 0..255 are raw UTF-8 bytes; 256, 257, 258 are `<|bos|>`, `<|eos|>`, `<|pad|>`.
+
+    Lone surrogates are encoded as with Python's "surrogatepass" handler and decoded back, so
+    `decode(encode(s)) == s` for every `str`.
+    """
+
+    kind = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 259
+
+    @property
+    def bos_id(self) -> int:
+        return 256
+
+    @property
+    def eos_id(self) -> int:
+        return 257
+
+    @property
+    def pad_id(self) -> int:
+        return 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8", errors="surrogatepass"))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        arr = _id_array(ids, self.vocab_size)
+        return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors=_DECODE_ERRORS)
+
+    def token_bytes(self) -> np.ndarray:
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        out[:256] = 1
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        record = {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "specials": {BOS: self.bos_id, EOS: self.eos_id, PAD: self.pad_id},
+        }
+        path = Path(directory) / TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(vocab_size=259)"
+
+
+class BPETokenizer:
+    """A byte-level BPE Hugging Face `tokenizers.Tokenizer` that carries the three Parcae specials.
+
+    Round trips are exact for valid Unicode; a lone surrogate (only a Python str can hold one, e.g.
+    from a JSON "\\ud800" escape) is encoded as U+FFFD rather than failing the whole batch.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        ids = {name: hf_tokenizer.token_to_id(name) for name in SPECIALS}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"Tokenizer lacks the special token(s) {', '.join(missing)}.")
+        if not _is_byte_level(hf_tokenizer):
+            raise ValueError("Tokenizer is not a byte-level BPE (its tokens are not spelled in byte symbols).")
+        # Literal "<|bos|>" in a text is ordinary text, never the special (see module docstring).
+        hf_tokenizer.encode_special_tokens = True
+        self._tok = hf_tokenizer
+        self._bos, self._eos, self._pad = ids[BOS], ids[EOS], ids[PAD]
+        self._vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def hf(self) -> Any:
+        """The wrapped `tokenizers.Tokenizer`."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # a lone surrogate: Rust strings cannot hold one
+            return self._tok.encode(_without_surrogates(text), add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # fast: skips offsets
+        try:
+            encodings = encode(list(texts), add_special_tokens=False)
+        except TypeError:
+            encodings = encode([_without_surrogates(t) for t in texts], add_special_tokens=False)
+        return [enc.ids for enc in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(_id_array(ids, self.vocab_size).tolist(), skip_special_tokens=True)
+
+    def token_bytes(self) -> np.ndarray:
+        # A byte-level token is spelled with one alphabet symbol per byte, so its length is its byte count.
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            out[i] = 0 if token in special else len(token)
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(path))
+        return path
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+def _is_byte_level(hf_tokenizer: Any) -> bool:
+    """True when every ordinary token is spelled in the 256 ByteLevel symbols (what `token_bytes` assumes)."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    added = {t.content for t in hf_tokenizer.get_added_tokens_decoder().values()}
+    symbols = set().union(*(tok for tok in hf_tokenizer.get_vocab(with_added_tokens=False) if tok not in added))
+    return symbols <= alphabet
+
+
+def _new_bpe() -> Any:
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer(models.BPE(byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _capped(texts: Iterable[str], max_chars: int | None, doc_cap: int) -> Iterator[str]:
+    seen = 0
+    for text in texts:
+        if max_chars is not None and seen >= max_chars:
+            return
+        piece = text[:doc_cap]
+        seen += len(piece)
+        yield piece
+
+
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, *, max_chars: int | None = None, doc_cap: int = 10_000
+) -> BPETokenizer:
+    """Train a byte-level BPE with `vocab_size` ids (the last three are the specials).
+
+    Each document contributes at most `doc_cap` characters, and training stops after `max_chars`
+    characters in total. All 256 byte symbols are in the initial alphabet, so any text round-trips.
+    If the corpus supports fewer merges, the vocabulary comes out smaller than asked.
+    """
+    from tokenizers import pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIALS):
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIALS)} (bytes + specials); got {vocab_size}.")
+    tok = _new_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(SPECIALS),
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    tok.train_from_iterator(_capped(texts, max_chars, doc_cap), trainer=trainer)
+    tok.add_special_tokens(list(SPECIALS))  # appended after the learned vocabulary, as in ByteTokenizer
+    return BPETokenizer(tok)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer saved by `save`: `path` is its directory or its tokenizer.json."""
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"No tokenizer file at {file}.")
+    try:
+        text = file.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file} is not a valid tokenizer.json ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} is not a valid tokenizer.json (expected a JSON object).")
+    if "model" in data:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            hf = HFTokenizer.from_str(text)
+        except Exception as exc:
+            raise ValueError(f"{file} is not a valid Hugging Face tokenizer file ({exc}).") from None
+        try:
+            return BPETokenizer(hf)
+        except ValueError as exc:
+            raise ValueError(f"{file}: {exc}") from None
+    if data.get("kind") == "byte":
+        if data.get("vocab_size", 259) != 259:
+            raise ValueError(f"{file}: a byte tokenizer has vocab_size 259, not {data.get('vocab_size')}.")
+        return ByteTokenizer()
+    raise ValueError(f"{file} is neither a Hugging Face tokenizer file nor a byte-tokenizer record.")
+
+
+def get_tokenizer(name_or_path: str | Path) -> Tokenizer:
+    """`"byte"` → `ByteTokenizer`; anything else is a path for `load_tokenizer`."""
+    if str(name_or_path) == "byte":
+        return ByteTokenizer()
+    return load_tokenizer(name_or_path)

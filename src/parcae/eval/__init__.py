@@ -1,0 +1,1 @@
+"""Evaluation: loss and bits-per-byte across test-time depths."""

@@ -1,0 +1,1 @@
+"""Training: optimiser, schedules, checkpoints and the trainer."""

@@ -1,0 +1,186 @@
+"""Atomic, verifiable training checkpoints.
+
+Layout of `RUN/checkpoints/step-00000100/`:
+- `config.json` + `model.safetensors` — a `save_pretrained` directory, loadable by `Parcae.from_pretrained`;
+- `optimizer.safetensors` (every tensor of the optimiser state) + `optimizer.json` (the rest);
+- `trainer_state.json` — step, tokens, data position, RNG states, and a `manifest` of SHA-256 digests
+  of the other files, so truncation or bit rot is detected before anything is loaded.
+Nothing is ever unpickled. A checkpoint is written into a temporary directory, fsynced, renamed into
+place, and only then does the `latest` pointer (itself replaced atomically) name it; a crash at any
+point leaves `latest` naming a complete checkpoint. The newest `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..model.parcae import Parcae
+
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+_PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete or corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser state dict into tensors (for safetensors) and JSON-able rest."""
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, entries in meta.get("scalars", {}).items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, keep: int = 3) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = max(1, keep)
+
+    # ------------------------------------------------------------------ writing
+    def save(self, step: int, model: Parcae, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"{_PREFIX}{step:08d}"
+        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        model.save_pretrained(tmp)
+        tensors, meta = optimizer_to_files(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        with (tmp / STATE_FILE).open("w") as handle:
+            json.dump({**state, "step": step, "manifest": manifest}, handle, indent=1)
+        for path in tmp.iterdir():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a rollback): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        write_atomic(self.root / LATEST, final.name + "\n")
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for stale in self.root.glob(f".{_PREFIX}*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        complete = self.list()
+        latest = self.latest()
+        for path in complete[: -self.keep]:
+            if path != latest:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ------------------------------------------------------------------ reading
+    def list(self) -> list[Path]:
+        """Checkpoint directories by step (complete or not)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
+
+    def latest(self) -> Path | None:
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text().strip()
+        return self.root / name if name else None
+
+    def verify(self, path: Path) -> dict[str, Any]:
+        """The trainer state of a complete, intact checkpoint, else CheckpointError saying what is wrong."""
+        state_path = path / STATE_FILE
+        if not state_path.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete ({STATE_FILE} missing)")
+        try:
+            state = json.loads(state_path.read_text())
+        except json.JSONDecodeError:
+            raise CheckpointError(f"checkpoint {path} has a corrupt {STATE_FILE}") from None
+        for name, digest in state.get("manifest", {}).items():
+            file = path / name
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint {path} is missing {name}")
+            if _sha256(file) != digest:
+                raise CheckpointError(f"checkpoint {path} is corrupt ({name} fails its SHA-256 check)")
+        return state
+
+    def newest_valid(self, before: Path | None = None) -> Path | None:
+        for path in reversed(self.list()):
+            if before is not None and path.name >= before.name:
+                continue
+            try:
+                self.verify(path)
+            except CheckpointError:
+                continue
+            return path
+        return None
+
+    def load(self, path: Path, model: Parcae, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Verify, then restore model and optimiser in place; returns the trainer state."""
+        try:
+            state = self.verify(path)
+        except CheckpointError as err:
+            fallback = self.newest_valid(before=path)
+            hint = f"; the previous checkpoint {fallback} is intact: resume from it with --checkpoint {fallback.name}"
+            raise CheckpointError(f"{err}{hint if fallback else ''}") from None
+        device = next(model.parameters()).device
+        model.load_weights(load_file(str(path / "model.safetensors"), device=str(device)))
+        meta = json.loads((path / "optimizer.json").read_text())
+        tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
+        try:
+            optimizer.load_state_dict(optimizer_from_files(tensors, meta))
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {path} does not match this optimizer: {err}") from None
+        return state

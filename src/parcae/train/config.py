@@ -1,0 +1,235 @@
+"""`TrainConfig` and the run configuration (model + training), as read from presets, files and `--set`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import ParcaeConfig, get_preset
+from .optim import OptimizerSettings
+from .schedule import SCHEDULES
+
+RUN_CONFIG = "run_config.json"
+BUDGETS = ("steps", "tokens", "minutes")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run that is not the model's shape."""
+
+    # Data.
+    data: str = "stdlib"
+    tokenizer: str = "byte"  # "byte" or a path to a tokenizer.json / directory
+    text_field: str = "text"
+    val_fraction: float = 0.02
+    seq_len: int | None = None  # None: the model's max_seq_len
+    batch_size: int = 16  # sequences per micro-batch (per rank)
+    grad_accum: int = 1
+    # Budget: exactly one of these.
+    steps: int | None = None
+    tokens: int | None = None
+    minutes: float | None = None
+    # Optimisation (paper defaults, digest §3.4).
+    optimizer: str = "muon"
+    lr: float = 8e-3
+    muon_lr: float = 8e-3
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    weight_decay: float = 0.0
+    muon_weight_decay: float = 0.2
+    muon_momentum: float = 0.95
+    schedule: str = "trapezoid"
+    warmup: float = 0.0  # fraction of the budget
+    cooldown: float = 0.5  # fraction of the budget
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    # Runtime.
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False
+    # Monitoring.
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    eval_depths: tuple[int, ...] | None = None  # None: {1, μ/2, μ, 2μ}
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    # Guardrails.
+    max_consecutive_skips: int = 8
+    spike_factor: float = 0.0  # > 0: a loss above factor × its running mean is a spike
+    rollback_on_spike: bool = False
+    max_rollbacks: int = 3
+    tensorboard: bool = False
+    wandb: bool = False
+
+    def __post_init__(self) -> None:
+        if self.eval_depths is not None:
+            object.__setattr__(self, "eval_depths", tuple(int(d) for d in self.eval_depths))
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(sentence: str) -> None:
+            raise ValueError(f"Invalid training config: {sentence}")
+
+        budgets = [name for name in BUDGETS if getattr(self, name) is not None]
+        if len(budgets) > 1:
+            fail(f"give exactly one budget (steps, tokens or minutes), got {', '.join(budgets)}.")
+        for name in BUDGETS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                fail(f"{name} must be a positive number, got {value!r}.")
+        for name in ("batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(f"{name} must be a positive integer, got {value!r}.")
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
+            fail(f"seq_len must be a positive integer, got {self.seq_len!r}.")
+        if self.eval_batches < 0:
+            fail(f"eval_batches must be ≥ 0, got {self.eval_batches}.")
+        if self.optimizer not in ("muon", "adamw"):
+            fail(f"unknown optimizer {self.optimizer!r}; choose 'muon' or 'adamw'.")
+        if self.schedule not in SCHEDULES:
+            fail(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        for name in ("warmup", "cooldown", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                fail(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+        if self.warmup + self.cooldown > 1.0:
+            fail(f"warmup + cooldown must not exceed 1, got {self.warmup} + {self.cooldown}.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            fail(f"val_fraction must lie in [0, 1), got {self.val_fraction}.")
+        for name in ("lr", "muon_lr"):
+            if getattr(self, name) <= 0:
+                fail(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.grad_clip < 0 or self.spike_factor < 0:
+            fail("grad_clip and spike_factor must be ≥ 0.")
+        if self.eval_depths is not None and any(d < 1 for d in self.eval_depths):
+            fail(f"eval_depths must be positive, got {list(self.eval_depths)}.")
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        return OptimizerSettings(
+            kind=self.optimizer,
+            lr=self.lr,
+            muon_lr=self.muon_lr,
+            adam_betas=(self.adam_beta1, self.adam_beta2),
+            adam_eps=self.adam_eps,
+            weight_decay=self.weight_decay,
+            muon_momentum=self.muon_momentum,
+            muon_weight_decay=self.muon_weight_decay,
+        )
+
+    def depths_to_evaluate(self, mean_recurrence: int) -> list[int]:
+        if self.eval_depths is not None:
+            return sorted(set(self.eval_depths))
+        return sorted({1, max(1, mean_recurrence // 2), mean_recurrence, 2 * mean_recurrence})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data["eval_depths"] is not None:
+            data["eval_depths"] = list(data["eval_depths"])
+        return data
+
+
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(ParcaeConfig)}
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: YAML scalars and lists (1e-3, true, [1, 2, 4], null); anything else is a string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _looks_numeric(value):
+        return float(value)  # YAML 1.1 reads "1e-3" as a string
+    return value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_overrides(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`key=value` pairs → (model overrides, train overrides); `model.` / `train.` prefixes are optional."""
+    model: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}.")
+        section, _, name = key.rpartition(".")
+        if section not in ("", "model", "train"):
+            raise ValueError(f"--set key {key!r}: the prefix must be 'model.' or 'train.'.")
+        in_model, in_train = name in _MODEL_FIELDS, name in _TRAIN_FIELDS
+        if section == "model" or (not section and in_model):
+            if not in_model:
+                raise ValueError(f"unknown model field {name!r} in --set.")
+            model[name] = parse_value(raw)
+        elif section == "train" or in_train:
+            if not in_train:
+                raise ValueError(f"unknown training field {name!r} in --set.")
+            train[name] = parse_value(raw)
+        else:
+            raise ValueError(f"unknown --set key {name!r} (not a model or training field).")
+    return model, train
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file with optional `preset`, `model` and `train` sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found.")
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML/JSON: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not set(data) <= {"preset", "model", "train"}:
+        raise ValueError(f"config file {path} must be a mapping with keys among preset, model, train.")
+    return data
+
+
+def build_configs(
+    preset: str | None, config_file: str | None, overrides: list[str], train_args: dict[str, Any]
+) -> tuple[ParcaeConfig, TrainConfig]:
+    """Resolve (model, training) configs: file/preset, then command-line options, then `--set`."""
+    file = load_config_file(config_file) if config_file else {}
+    preset = preset or file.get("preset")
+    model_fields = dict(file.get("model") or {})
+    if preset is None and not model_fields:
+        raise ValueError("choose a model with --preset NAME or --config FILE.")
+    model_set, train_set = parse_overrides(overrides)
+    model_fields.update(model_set)
+    model_cfg = get_preset(preset, **model_fields) if preset else ParcaeConfig(**model_fields)
+    command_line = {**train_args, **train_set}
+    file_train = dict(file.get("train") or {})
+    if any(command_line.get(name) is not None for name in BUDGETS):
+        for name in BUDGETS:  # a budget on the command line replaces the file's
+            file_train.pop(name, None)
+    train_fields = {**file_train, **command_line}
+    unknown = sorted(set(train_fields) - _TRAIN_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown training field(s): {', '.join(unknown)}.")
+    return model_cfg, TrainConfig(**train_fields)
+
+
+def save_run_config(run_dir: Path, model_cfg: ParcaeConfig, train_cfg: TrainConfig) -> None:
+    text = json.dumps({"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}, indent=2) + "\n"
+    (run_dir / RUN_CONFIG).write_text(text)
+
+
+def load_run_config(run_dir: Path) -> tuple[ParcaeConfig, TrainConfig]:
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run ({RUN_CONFIG} missing).")
+    data = json.loads(path.read_text())
+    return ParcaeConfig.from_dict(data["model"]), TrainConfig(**data["train"])
