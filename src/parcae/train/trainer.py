@@ -418,12 +418,12 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        if self.config.minutes is not None:
-            total, unit = int(60 * self.config.minutes), "s"
-            initial = int(self.progress.elapsed)
-        else:
-            total, unit, initial = self.total_steps, "step", self.progress.step
-        return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, mininterval=1.0)
+        if self.config.minutes is not None:  # a time budget: the bar counts training seconds
+            total, initial = int(60 * self.config.minutes), int(self.progress.elapsed)
+            bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]"
+            return tqdm(total=total, initial=initial, bar_format=bar_format, dynamic_ncols=True, mininterval=1.0)
+        steps, done = self.total_steps, self.progress.step
+        return tqdm(total=steps, initial=done, unit="step", dynamic_ncols=True, mininterval=1.0)
 
     def _update_bar(self, bar: Any, record: dict[str, Any]) -> None:
         if self.config.minutes is not None:

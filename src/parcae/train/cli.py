@@ -1,0 +1,76 @@
+"""`parcae train`: train a model or resume a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..cli_types import EPILOG_DATA, positive_float, positive_int
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a model (or resume a run)",
+        description="Train a Parcae model or a baseline. Example:\n"
+        "  parcae train --preset parcae-tiny --data stdlib --minutes 5 --out runs/tiny\n"
+        "  parcae train --resume runs/tiny            # continue after a stop or crash",
+        epilog=EPILOG_DATA + "\n--set takes any model field (e.g. mean_recurrence=4, injection=linear) or training "
+        "field (e.g. lr=3e-3, optimizer=adamw, eval_every=100); values are parsed as YAML.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="model preset (see `parcae presets`)")
+    source.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
+    train.add_argument("--config", metavar="FILE", help="YAML/JSON with optional preset, model and train sections")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (repeatable)")
+    train.add_argument("--data", help="data spec (default: stdlib)")
+    train.add_argument("--out", metavar="DIR", help="run directory to create")
+    budget = train.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=positive_int, help="optimizer steps")
+    budget.add_argument("--tokens", type=positive_int, help="training tokens")
+    budget.add_argument("--minutes", type=positive_float, help="training wall-clock minutes")
+    train.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch (default 16)")
+    train.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: the model's context)")
+    train.add_argument("--lr", type=positive_float, help="AdamW learning rate (default 8e-3)")
+    train.add_argument("--tokenizer", help="'byte' (default) or a tokenizer.json / directory")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    train.add_argument("--checkpoint", metavar="NAME", help="with --resume: a checkpoint other than the latest")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    train.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, build_configs
+    from .trainer import Trainer
+
+    budget = {k: getattr(args, k) for k in ("steps", "tokens", "minutes") if getattr(args, k) is not None}
+    if args.resume:
+        if args.preset or args.config or args.set or args.data or args.out:
+            raise ValueError("--resume continues a run as configured; only a new budget may be given with it.")
+        trainer = Trainer(
+            None, TrainConfig(**budget) if budget else None, args.resume, resume=True,
+            checkpoint=args.checkpoint, progress_bar=not args.no_progress,
+        )  # fmt: skip
+    else:
+        if args.checkpoint:
+            raise ValueError("--checkpoint only applies with --resume.")
+        if not args.out:
+            raise ValueError("give the run directory with --out DIR.")
+        options = {
+            "data": args.data, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+            "tokenizer": args.tokenizer, "seed": args.seed, "device": args.device, **budget,
+        }  # fmt: skip
+        model_cfg, train_cfg = build_configs(
+            args.preset, args.config, args.set, {k: v for k, v in options.items() if v is not None}
+        )
+        trainer = Trainer(model_cfg, train_cfg, args.out, progress_bar=not args.no_progress)
+    from ..config import count_params
+
+    print(f"model {trainer.model_config.name}: {count_params(trainer.model_config):,} parameters; "
+          f"run directory {trainer.run_dir}")  # fmt: skip
+    summary = trainer.train()
+    print(json.dumps(summary, indent=2))
+    return 0
