@@ -122,6 +122,11 @@ def test_overrides_and_config_files(tmp_path: Path) -> None:
     model_cfg, train_cfg = build_configs(None, str(tmp_path / "c.yaml"), ["lr=4e-3"], {"minutes": 1.0})
     assert model_cfg.mean_recurrence == 6 and model_cfg.backprop_depth == 3
     assert train_cfg.lr == 4e-3 and train_cfg.minutes == 1.0 and train_cfg.steps is None
+    # JSON written by json.dumps: "1e-05" must stay a number (YAML 1.1 would read it as a string).
+    (tmp_path / "c.json").write_text(json.dumps({"preset": "parcae-micro", "model": {"norm_eps": 1e-5},
+                                                 "train": {"steps": 2, "lr": 1e-4}}))  # fmt: skip
+    model_cfg, train_cfg = build_configs(None, str(tmp_path / "c.json"), [], {})
+    assert model_cfg.norm_eps == 1e-5 and train_cfg.lr == 1e-4
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:

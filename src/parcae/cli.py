@@ -19,9 +19,14 @@ COMMAND_MODULES = (
     "parcae.eval.cli",
     "parcae.infer.cli",
     "parcae.data.cli",
+    "parcae.interop_cli",
+    "parcae.scaling.cli",
 )
 # Modules with `register_lab(lab)`, adding `parcae lab NAME` experiments.
-LAB_MODULES: tuple[str, ...] = ()
+LAB_MODULES: tuple[str, ...] = (
+    "parcae.lab.cli",
+    "parcae.lab.reasoning",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,10 @@ MLPS = ("relu2", "swiglu")
 # The value-embedding gate reads the first 32 channels of the normed block input (official-notes §1).
 VE_GATE_CHANNELS = 32
 
+# Keys that Hugging Face transformers writes into a model's config.json beside our fields (`parcae.hf`); they
+# describe the file, not the model, so `from_dict` skips them and one directory serves both loaders.
+HF_METADATA_KEYS = frozenset({"model_type", "architectures", "transformers_version", "dtype", "torch_dtype"})
+
 
 @dataclass(frozen=True)
 class ParcaeConfig:
@@ -56,6 +60,13 @@ class ParcaeConfig:
     rope_base: float = 50_000.0
     norm_eps: float = 1e-5
 
+    # Explicit shapes, for checkpoints whose core or value embeddings do not follow the derived rules
+    # (`parcae.interop` sets them when importing official weights). None keeps the derived value.
+    n_core_heads: int | None = None  # None: d_state // head_dim
+    n_core_kv_heads: int | None = None  # None: the prelude/coda GQA ratio applied to the core heads
+    d_core_mlp: int | None = None  # None: d_mlp · d_state / d_model
+    value_embedding_layers: tuple[int, ...] | None = None  # distinct-layer indices; None: alternating rule
+
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +83,11 @@ class ParcaeConfig:
         }
         for key, value in resolved.items():
             object.__setattr__(self, key, value)
+        if self.value_embedding_layers is not None and isinstance(self.value_embedding_layers, (list, tuple)):
+            # JSON gives a list; a sorted tuple keeps the frozen config hashable and comparable.
+            layers = self.value_embedding_layers
+            if all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                object.__setattr__(self, "value_embedding_layers", tuple(sorted(set(layers))))
         self._validate()
 
     # ------------------------------------------------------------------ validation
@@ -123,13 +139,21 @@ class ParcaeConfig:
                 f"backprop_depth ({self.backprop_depth}) cannot exceed mean_recurrence "
                 f"({self.mean_recurrence}) with fixed depth sampling."
             )
+        self._validate_explicit_shapes(fail)
         if self.n_core == 0:
             return
         if self.d_state % self.head_dim:
             fail(f"d_state ({self.d_state}) must be a multiple of head_dim ({self.head_dim}) for the core blocks.")
-        if (self.core_heads * self.n_kv_heads) % self.n_heads:
+        if self.n_core_heads is not None and self.n_core_heads * self.head_dim != self.d_state:
+            fail(
+                f"d_state ({self.d_state}) must equal n_core_heads × head_dim "
+                f"({self.n_core_heads} × {self.head_dim}): the core shares the rotary tables."
+            )
+        if self.n_core_kv_heads is None and (self.core_heads * self.n_kv_heads) % self.n_heads:
             fail(f"the core's {self.core_heads} heads cannot keep the GQA ratio {self.n_heads}:{self.n_kv_heads}.")
-        if (self.d_mlp * self.d_state) % self.d_model:
+        if self.core_heads % self.core_kv_heads:
+            fail(f"n_core_heads ({self.core_heads}) must be a multiple of n_core_kv_heads ({self.core_kv_heads}).")
+        if self.d_core_mlp is None and (self.d_mlp * self.d_state) % self.d_model:
             fail(f"d_mlp × d_state / d_model must be an integer (core MLP width); got {self.d_mlp}, {self.d_state}.")
         if self.injection == "add" and self.d_state != self.d_model:
             fail(
@@ -138,6 +162,19 @@ class ParcaeConfig:
             )
         if self.value_embeddings and self.d_state < VE_GATE_CHANNELS:
             fail(f"value embeddings need d_state ≥ {VE_GATE_CHANNELS} (their gate reads that many channels).")
+
+    def _validate_explicit_shapes(self, fail: Any) -> None:
+        for name in ("n_core_heads", "n_core_kv_heads", "d_core_mlp"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                fail(f"{name} must be a positive integer or null, got {value!r}.")
+        layers = self.value_embedding_layers
+        if layers is None:
+            return
+        if not isinstance(layers, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            fail(f"value_embedding_layers must be a list of layer indices or null, got {layers!r}.")
+        if any(not 0 <= i < self.n_layers for i in layers):
+            fail(f"value_embedding_layers {list(layers)} must lie in [0, {self.n_layers}) (distinct-layer indices).")
 
     # ------------------------------------------------------------------ derived quantities
     @property
@@ -151,17 +188,22 @@ class ParcaeConfig:
 
     @property
     def core_heads(self) -> int:
-        """Heads of a core block; the core has no GQA (as in the official code)."""
-        return self.d_state // self.head_dim
+        """Heads of a core block: `n_core_heads`, else as many head_dim-wide heads as d_state holds."""
+        return self.d_state // self.head_dim if self.n_core_heads is None else self.n_core_heads
 
     @property
     def core_kv_heads(self) -> int:
-        """KV heads of a core block: the same grouping ratio as the prelude and coda."""
+        """KV heads of a core block: `n_core_kv_heads`, else the prelude/coda grouping ratio.
+
+        (The official code forces kv heads = heads in the core; `parcae.interop` sets that explicitly.)
+        """
+        if self.n_core_kv_heads is not None:
+            return self.n_core_kv_heads
         return self.core_heads * self.n_kv_heads // self.n_heads
 
     @property
     def core_d_mlp(self) -> int:
-        return self.d_mlp * self.d_state // self.d_model
+        return self.d_mlp * self.d_state // self.d_model if self.d_core_mlp is None else self.d_core_mlp
 
     @property
     def init_std(self) -> float:
@@ -169,12 +211,17 @@ class ParcaeConfig:
         return math.sqrt(2.0 / (5.0 * self.d_model))
 
     def has_value_embedding(self, layer_index: int) -> bool:
-        """Alternating layers, always including the last one (nanochat's rule; official-notes §1).
+        """Alternating layers, always including the last one (nanochat's rule; official-notes §1),
+        or exactly `value_embedding_layers` when given.
 
         `layer_index` counts distinct layers: prelude 0.., core n_prelude.., coda n_prelude+n_core..
         The same rule decides both the table and the gate, so they can never disagree.
         """
-        return self.value_embeddings and layer_index % 2 == (self.n_layers - 1) % 2
+        if not self.value_embeddings:
+            return False
+        if self.value_embedding_layers is not None:
+            return layer_index in self.value_embedding_layers
+        return layer_index % 2 == (self.n_layers - 1) % 2
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -182,6 +229,7 @@ class ParcaeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ParcaeConfig:
+        data = {k: v for k, v in data.items() if k not in HF_METADATA_KEYS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

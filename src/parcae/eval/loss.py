@@ -1,20 +1,32 @@
-"""Validation loss as a function of the test-time depth T.
+"""Validation loss, perplexity and bits per byte as a function of the test-time depth T.
 
 A looped model's quality depends on how many iterations it is given at test time; every number here is
-reported per T. Evaluation is deterministic: fixed depth, h₀ from a fixed seed.
+reported per T. Evaluation is deterministic: fixed depth, h₀ from a fixed seed; with several seeds each
+figure is the mean over seeds and `*_std` its population standard deviation (as the official CORE
+reports), which measures the sensitivity to the random h₀.
+
+Bits per byte = Σ nats over the non-special targets / (ln 2 · Σ UTF-8 bytes of those targets). A target's
+bytes come from `Tokenizer.token_bytes()`, which counts the raw bytes a token stands for, so a byte-level
+BPE token that ends in the middle of a character counts its own bytes (the official code decodes each
+token and counts the replacement character's 3 bytes instead). Special targets (the BOS that opens the
+next document in a packed row) carry no text: they are left out of both sums, as in nanochat. `loss` and
+perplexity are over every target, as in training.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..model.parcae import IGNORE_INDEX, Parcae
+from .scoring import check_depths, evaluating, model_device, token_scores
 
 Batch = tuple[Tensor, Tensor]
 
@@ -22,76 +34,155 @@ Batch = tuple[Tensor, Tensor]
 @dataclass(frozen=True)
 class DepthResult:
     depth: int
-    loss: float  # mean nats per target token
-    tokens: int
+    loss: float  # mean nats per target token (mean over seeds)
+    tokens: int  # target tokens per seed
     state_norm: float | None = None  # mean ‖h_T‖ per token
     residual: float | None = None  # mean ‖h_T − h_{T−1}‖ per token
+    loss_std: float = 0.0  # population std of the loss over seeds
+    bpb: float | None = None  # bits per UTF-8 byte (needs token_bytes)
+    bpb_std: float | None = None
+    bytes: int | None = None  # UTF-8 bytes of the non-special targets per seed
+    seeds: tuple[int, ...] = (0,)
 
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 700.0))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "perplexity": self.perplexity}
+        return {**asdict(self), "seeds": list(self.seeds), "perplexity": self.perplexity}
 
 
-@torch.no_grad()
+@dataclass
+class _Sums:
+    nats: float = 0.0
+    tokens: int = 0
+    text_nats: float = 0.0  # over non-special targets only
+    bytes: int = 0
+    norm: float = 0.0
+    residual: float = 0.0
+
+
 def loss_by_depth(
-    model: Parcae, batches: Sequence[Batch], depths: Sequence[int], *, state_seed: int = 0
+    model: Parcae,
+    batches: Sequence[Batch],
+    depths: Sequence[int],
+    *,
+    state_seed: int | Sequence[int] = 0,
+    token_bytes: np.ndarray | Tensor | None = None,
+    progress: bool = False,
 ) -> list[DepthResult]:
-    """Token-weighted mean loss over `batches` at each depth (a fixed-depth model ignores the depth)."""
+    """Token-weighted mean loss over `batches` at each depth (a fixed-depth model ignores the depth).
+
+    `state_seed`: one h₀ seed or several (mean ± std over them). `token_bytes` (a tokenizer's
+    `token_bytes()`) adds bits per byte; without it the memory-saving loss path is used (no logits).
+    """
     if not batches:
         raise ValueError("no validation batches to evaluate on.")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    results = []
-    try:
+    depths = check_depths(depths)
+    seeds = (state_seed,) if isinstance(state_seed, int) else tuple(state_seed)
+    if not seeds:
+        raise ValueError("at least one h₀ seed is needed.")
+    device = model_device(model)
+    weights = None
+    if token_bytes is not None:
+        weights = torch.zeros(model.config.vocab_size, dtype=torch.long)
+        given = torch.as_tensor(np.asarray(token_bytes), dtype=torch.long)
+        weights[: len(given)] = given[: model.config.vocab_size]
+        weights = weights.to(device)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(seeds) * len(depths) * len(batches), desc="loss", unit="batch", disable=not progress)
+    sums = {(depth, seed): _Sums() for depth in depths for seed in seeds}
+    with evaluating(model), bar:
         for depth in depths:
-            total, count, norm, residual = 0.0, 0, 0.0, 0.0
-            for inputs, labels in batches:
-                inputs, labels = inputs.to(device), labels.to(device)
-                steps = depth if model.config.is_looped else None
-                out = model(inputs, labels=labels, num_steps=steps, state_seed=state_seed, return_logits=False)
-                n = int((labels != IGNORE_INDEX).sum())
-                total += float(out.loss) * n
-                count += n
-                if out.metrics:
-                    norm += float(out.metrics["state_norm"]) * n
-                    residual += float(out.metrics["recurrent_residual"]) * n
-            looped = model.config.is_looped
-            results.append(
-                DepthResult(
-                    depth=depth,
-                    loss=total / max(count, 1),
-                    tokens=count,
-                    state_norm=norm / max(count, 1) if looped else None,
-                    residual=residual / max(count, 1) if looped else None,
-                )
-            )
-    finally:
-        model.train(was_training)
-    return results
+            for seed in seeds:
+                acc = sums[depth, seed]
+                for inputs, labels in batches:
+                    _accumulate(model, inputs.to(device), labels.to(device), depth, seed, weights, acc)
+                    bar.update()
+    return [_summarise(depth, seeds, [sums[depth, s] for s in seeds], model.config.is_looped, weights is not None)
+            for depth in depths]  # fmt: skip
+
+
+def _accumulate(
+    model: Parcae, inputs: Tensor, labels: Tensor, depth: int, seed: int, weights: Tensor | None, acc: _Sums
+) -> None:
+    valid = labels != IGNORE_INDEX
+    n = int(valid.sum())
+    if weights is None:
+        steps = depth if model.config.is_looped else None
+        with torch.no_grad():
+            out = model(inputs, labels=labels, num_steps=steps, state_seed=seed, return_logits=False)
+        acc.nats += float(out.loss) * n
+        metrics = out.metrics
+    else:
+        scores = token_scores(model, inputs, labels, num_steps=depth, state_seed=seed)
+        nbytes = weights[labels.clamp(min=0)] * valid
+        acc.nats += float(scores.nll.sum())
+        acc.text_nats += float(scores.nll[nbytes > 0].sum())
+        acc.bytes += int(nbytes.sum())
+        metrics = scores.metrics
+    acc.tokens += n
+    if metrics:
+        acc.norm += float(metrics["state_norm"]) * n
+        acc.residual += float(metrics["recurrent_residual"]) * n
+
+
+def _summarise(
+    depth: int, seeds: tuple[int, ...], per_seed: list[_Sums], looped: bool, with_bytes: bool
+) -> DepthResult:
+    tokens = max(per_seed[0].tokens, 1)
+    losses = [s.nats / tokens for s in per_seed]
+    bpbs = [s.text_nats / (math.log(2) * s.bytes) if s.bytes else math.nan for s in per_seed]
+    return DepthResult(
+        depth=depth,
+        loss=statistics.fmean(losses),
+        tokens=per_seed[0].tokens,
+        state_norm=statistics.fmean(s.norm for s in per_seed) / tokens if looped else None,
+        residual=statistics.fmean(s.residual for s in per_seed) / tokens if looped else None,
+        loss_std=statistics.pstdev(losses),
+        bpb=statistics.fmean(bpbs) if with_bytes else None,
+        bpb_std=statistics.pstdev(bpbs) if with_bytes else None,
+        bytes=per_seed[0].bytes if with_bytes else None,
+        seeds=seeds,
+    )
+
+
+def _mean_std(mean: float, std: float, several: bool, width: int, digits: int) -> str:
+    if not several:
+        return f"{mean:{width}.{digits}f}"
+    return f"{mean:{width}.{digits}f} ± {std:.{digits}f}"
 
 
 def format_table(results: Sequence[DepthResult]) -> str:
-    lines = [f"{'T':>4}  {'loss':>8}  {'ppl':>9}  {'‖h_T‖':>9}  {'‖h_T−h_T−1‖':>12}"]
+    """One line per depth: loss (± std over seeds), perplexity, bits per byte, ‖h_T‖, ‖h_T − h_T−1‖."""
+    several = len(results[0].seeds) > 1 if results else False
+    loss_width = 17 if several else 8
+    has_bpb = any(r.bpb is not None for r in results)
+    header = f"{'T':>4}  {'loss':>{loss_width}}  {'ppl':>9}"
+    if has_bpb:
+        header += f"  {'bpb':>{loss_width}}"
+    lines = [header + f"  {'‖h_T‖':>9}  {'‖h_T−h_T−1‖':>12}"]
     for r in results:
+        line = f"{r.depth:>4}  {_mean_std(r.loss, r.loss_std, several, 8, 4)}  {r.perplexity:9.3f}"
+        if has_bpb:
+            line += "  " + _mean_std(r.bpb or math.nan, r.bpb_std or 0.0, several, 8, 4)
         norm = f"{r.state_norm:9.3f}" if r.state_norm is not None else f"{'-':>9}"
         residual = f"{r.residual:12.4f}" if r.residual is not None else f"{'-':>12}"
-        lines.append(f"{r.depth:>4}  {r.loss:8.4f}  {r.perplexity:9.3f}  {norm}  {residual}")
+        lines.append(f"{line}  {norm}  {residual}")
     return "\n".join(lines)
 
 
 def plot_depth_curve(results: Sequence[DepthResult], path: str | Path, title: str, train_depth: int | None) -> None:
-    """Loss vs test-time depth T, with the training mean depth marked."""
+    """Loss vs test-time depth T (error bars: std over h₀ seeds), with the training mean depth marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot([r.depth for r in results], [r.loss for r in results], marker="o")
+    ax.errorbar([r.depth for r in results], [r.loss for r in results], yerr=[r.loss_std for r in results],
+                marker="o", capsize=3)  # fmt: skip
     if train_depth is not None:
         ax.axvline(train_depth, color="gray", linestyle="--", label=f"μ_rec = {train_depth}")
         ax.legend()

@@ -9,12 +9,16 @@ value embeddings (nanochat style).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import VE_GATE_CHANNELS
+
+if TYPE_CHECKING:
+    from .cache import LayerKV
 
 
 class RMSNorm(nn.Module):
@@ -53,11 +57,14 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, L, H, D] by the (cos, sin) tables [L, D/2] (rotate-half layout)."""
+    """Rotate x [B, L, H, D] by the (cos, sin) tables [L, D/2] or, per row, [B, L, D/2] (rotate-half layout).
+
+    Per-row tables serve left-padded batches, where a column holds a different position in each row.
+    """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
@@ -77,7 +84,10 @@ class Attention(nn.Module):
         # gate = 2·sigmoid(W·x[:32]) per kv-head, in (0, 2): 1 at W = 0, so the gate starts neutral-ish.
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, n_kv_heads, bias=False) if value_gate else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, value_embed: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, value_embed: Tensor | None = None, kv: LayerKV | None = None
+    ) -> Tensor:
+        """Causal attention over x; with `kv`, x is a chunk appended to the cached keys/values (inference)."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
@@ -91,10 +101,13 @@ class Attention(nn.Module):
             q = F.rms_norm(q, (self.head_dim,))
             k = F.rms_norm(k, (self.head_dim,))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        mask, causal = None, True
+        if kv is not None:  # write this chunk into the cache, attend over everything cached so far
+            k, v = kv.update(k, v)
+            mask, causal = kv.attn_mask, kv.is_causal
         gqa = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, **gqa
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -138,8 +151,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d_model, norm_eps)
         self.mlp = MLP(d_model, d_mlp, mlp)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, value_embed: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, value_embed)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, value_embed: Tensor | None = None, kv: LayerKV | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, value_embed, kv)
         return x + self.mlp(self.mlp_norm(x))
 
     @torch.no_grad()

@@ -6,9 +6,10 @@ Read top-down: `forward` is the whole data path; the loop itself lives in `recur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ParcaeConfig
+from .cache import KVCache, KVPolicy
 from .injection import build_injection
 from .layers import Block, RMSNorm, Rotary, scaled_orthogonal_
 from .recurrence import DepthPlan, DepthSampler, mix_seed, run_loop
+
+if TYPE_CHECKING:
+    from ..infer.exit import ExitCriterion
+    from ..infer.generate import GenerationOutput, GenerationStream
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,6 +48,17 @@ class ParcaeOutput:
     loss: Tensor | None = None
     logits: Tensor | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CachedOutput:
+    """One cached forward: `logits` [B, n, V]; `iterations` [B, n] core iterations each token ran (0 for
+    padding and for a fixed-depth Transformer); `coda_passes` readout + coda + head runs over the chunk
+    (1, or more with a probing exit criterion)."""
+
+    logits: Tensor
+    iterations: Tensor
+    coda_passes: int
 
 
 class Parcae(nn.Module):
@@ -69,6 +86,7 @@ class Parcae(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.depth_sampler = DepthSampler(cfg)
+        self._state_tables: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}  # seeded h₀, per position
         self.tie_weights()
         self.reset_parameters()
 
@@ -238,25 +256,190 @@ class Parcae(nn.Module):
             return DepthPlan.fixed(batch, depth, grad_steps)
         return self.depth_sampler.sample(batch, seq_len, step)
 
-    def _initial_state(self, e: Tensor, state_seed: int | None, step: int | None) -> Tensor:
+    def _initial_state(
+        self, e: Tensor, state_seed: int | None, step: int | None, positions: Tensor | int = 0
+    ) -> Tensor:
+        """h₀ for the prelude output e [B, L, ·].
+
+        Seeded (`state_seed`, or seed 0 in eval): one fixed vector per *position*, drawn from the seed alone
+        and shared by all rows, so a token's h₀ depends only on its position — a cached decode reproduces the
+        full forward, and a sequence's eval output never depends on its batch neighbours. `positions` is the
+        first position (int) or per-token positions [B, L] (left-padded batches). Training draws h₀ afresh
+        for every row, from (seed, `step`, rank), or from the global RNG without a step.
+        """
         cfg = self.config
         shape = (*e.shape[:-1], cfg.d_state)
         if cfg.state_init == "zero":
             return torch.zeros(shape, dtype=e.dtype, device=e.device)
-        generator = None
+        if state_seed is None and not self.training:
+            state_seed = 0
         if state_seed is not None:
-            generator = torch.Generator(device=e.device).manual_seed(state_seed)
-        elif not self.training:
-            generator = torch.Generator(device=e.device).manual_seed(0)
-        elif step is not None:
+            table = self._state_table(state_seed, e.device, e.dtype)
+            if isinstance(positions, Tensor):
+                return table[positions]
+            return table[positions : positions + shape[-2]].expand(shape).clone()
+        generator = None
+        if step is not None:
             sampler = self.depth_sampler
             seed = mix_seed(sampler.seed, step, 0 if sampler.lockstep else sampler.rank, _STATE_SEED_SALT)
             generator = torch.Generator(device=e.device).manual_seed(seed)
-        std = cfg.init_std
-        h = torch.empty(shape, dtype=e.dtype, device=e.device)
-        if cfg.state_init == "like-init":
-            return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=generator)
-        return h.normal_(0.0, std, generator=generator)
+        return _random_state(torch.empty(shape, dtype=e.dtype, device=e.device), cfg, generator)
+
+    def _state_table(self, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Seeded h₀ for positions 0 … max_seq_len − 1 [max_seq_len, S], drawn on the CPU (the same values on
+        every device) once per (seed, device, dtype)."""
+        key = (seed, device, dtype)
+        table = self._state_tables.get(key)
+        if table is None:
+            with torch.inference_mode(False):  # a normal tensor, usable by later training-mode forwards
+                cpu = torch.empty(self.config.max_seq_len, self.config.d_state)
+                generator = torch.Generator().manual_seed(seed)
+                table = _random_state(cpu, self.config, generator).to(device=device, dtype=dtype)
+            if len(self._state_tables) >= 8:
+                self._state_tables.clear()
+            self._state_tables[key] = table
+        return table
+
+    # ------------------------------------------------------------------ cached inference
+    def new_cache(
+        self, batch_size: int, capacity: int, *, kv_policy: str | KVPolicy = "full", max_steps: int | None = None
+    ) -> KVCache:
+        """An empty KV cache for `batch_size` rows of up to `capacity` tokens and up to `max_steps`
+        iterations (default μ_rec), on the model's device and in its dtype."""
+        param = next(self.parameters())
+        return KVCache(
+            self.config, batch_size, capacity, policy=kv_policy, max_steps=max_steps, device=param.device,
+            dtype=param.dtype,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def forward_cached(
+        self,
+        input_ids: Tensor,
+        cache: KVCache,
+        *,
+        num_steps: int | None = None,
+        exit: ExitCriterion | None = None,
+        attention_mask: Tensor | None = None,
+        state_seed: int = 0,
+    ) -> CachedOutput:
+        """Inference over a chunk of new tokens [B, n] — the prompt in one forward, then one token per decode
+        step — reading and extending `cache`.
+
+        Each loop iteration runs the core layers once, with the cache's slot for that iteration. With the
+        `full` policy and no exit, the logits equal the full-sequence eval forward's (same `state_seed`) at
+        every position. Depth: `num_steps` (default μ_rec); with `exit`, up to that many iterations per token
+        (tokens that stopped are frozen while others continue). `attention_mask` [B, n], first chunk only:
+        0 marks left padding.
+        """
+        cfg = self.config
+        batch, n = self._check_inputs(input_ids, None)
+        if batch != cache.batch_size:
+            raise ValueError(f"the cache was made for {cache.batch_size} rows, got {batch}.")
+        if exit is not None and not cfg.is_looped:
+            raise ValueError("adaptive exit needs a looped model (n_core > 0).")
+        chunk = cache.begin(n, attention_mask)
+        if chunk.positions is None:
+            cos, sin = self.rotary.tables(n, chunk.start)
+        else:
+            cos, sin = self.rotary.cos[chunk.positions], self.rotary.sin[chunk.positions]
+        value_embeds = {int(i): table(input_ids) for i, table in self.value_embeds.items()}
+
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.prelude):
+            x = block(x, cos, sin, value_embeds.get(i), cache.outer_layer(i))
+
+        iterations = torch.zeros(batch, n, dtype=torch.long, device=input_ids.device)
+        logits, coda_passes = None, 0
+        if cfg.is_looped:
+            steps = cache.check_steps(self._inference_depth(num_steps, exit))
+            e = self.prelude_norm(x) if self.prelude_norm is not None else x
+            positions = chunk.positions if chunk.positions is not None else chunk.start
+            h = self._initial_state(e, 0 if state_seed is None else state_seed, None, positions)
+            drive, shared = self.injection.prepare(e)
+            core_embeds = [value_embeds.get(cfg.n_prelude + j) for j in range(cfg.n_core)]
+            tracker = exit.tracker((batch, n), input_ids.device) if exit is not None else None
+            active: Tensor | None = None  # [B, n]: tokens still iterating; None = all
+            done = 0
+            while done < steps:
+                y = self.injection.step(h, drive, shared)
+                for j, block in enumerate(self.core):
+                    y = block(y, cos, sin, core_embeds[j], cache.core_layer(j, done, keep=active))
+                h_prev, h = h, y if active is None else torch.where(active.unsqueeze(-1), y, h)
+                iterations += 1 if active is None else active
+                done += 1
+                if tracker is None:
+                    continue
+                logits = None  # a probe after the last iteration doubles as the output
+                if tracker.wants_logits(done):
+                    logits = self._cached_head(h, cos, sin, value_embeds, cache)
+                    coda_passes += 1
+                active = ~tracker.update(done, h_prev, h, logits)
+                if chunk.real is not None:
+                    active &= chunk.real
+                if not bool(active.any()):
+                    break
+            if done < cache.max_steps:
+                cache.fill_skipped(done)
+            x = h
+            if chunk.real is not None:
+                iterations *= chunk.real
+        if logits is None:
+            logits = self._cached_head(x, cos, sin, value_embeds, cache)
+            coda_passes += 1
+        cache.commit()
+        return CachedOutput(logits=logits, iterations=iterations, coda_passes=coda_passes)
+
+    def _cached_head(
+        self, x: Tensor, cos: Tensor, sin: Tensor, value_embeds: dict[int, Tensor], cache: KVCache
+    ) -> Tensor:
+        """Readout C (looped models) → coda (with its cache slots) → final norm → logits."""
+        cfg = self.config
+        if cfg.is_looped:
+            x = self.readout(x)
+        for j, block in enumerate(self.coda):
+            layer = cfg.n_prelude + cfg.n_core + j
+            x = block(x, cos, sin, value_embeds.get(layer), cache.outer_layer(cfg.n_prelude + j))
+        return self.lm_head(self.final_norm(x))
+
+    def _inference_depth(self, num_steps: int | None, exit: ExitCriterion | None) -> int:
+        limit = exit.max_steps if exit is not None else None
+        if num_steps is not None and limit is not None and num_steps != limit:
+            raise ValueError(f"num_steps {num_steps} and the exit criterion's max_steps {limit} disagree.")
+        depth = limit or num_steps or self.config.mean_recurrence
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {depth!r}.")
+        if exit is not None and exit.min_steps > depth:
+            raise ValueError(f"the exit's min_steps {exit.min_steps} exceed the depth {depth}.")
+        return depth
+
+    def generate(
+        self,
+        input_ids: Tensor | Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        num_steps: int | None = None,
+        kv_policy: str | KVPolicy = "full",
+        exit: str | ExitCriterion | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: int | Sequence[int] | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+        attention_mask: Tensor | None = None,
+        vocab_limit: int | None = None,
+        pad_id: int = 0,
+        state_seed: int = 0,
+    ) -> GenerationOutput | GenerationStream:
+        """Sample up to `max_new_tokens` per row with a KV cache; see `parcae.infer.generate.generate`."""
+        from ..infer.generate import generate
+
+        return generate(
+            self, input_ids, max_new_tokens, num_steps=num_steps, kv_policy=kv_policy, exit=exit,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed, stream=stream,
+            attention_mask=attention_mask, vocab_limit=vocab_limit, pad_id=pad_id, state_seed=state_seed,
+        )  # fmt: skip
 
     def _chunked_loss(self, x: Tensor, labels: Tensor) -> Tensor:
         """Mean CE without holding all logits: chunks of tokens, each recomputed in backward."""
@@ -339,6 +522,14 @@ class Parcae(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _random_state(h: Tensor, cfg: ParcaeConfig, generator: torch.Generator | None) -> Tensor:
+    """Fill h with the configured h₀ distribution: truncated (±3σ) normal (`like-init`) or normal, σ = init std."""
+    std = cfg.init_std
+    if cfg.state_init == "like-init":
+        return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=generator)
+    return h.normal_(0.0, std, generator=generator)
 
 
 def _masked_mean_ce(logits: Tensor, labels: Tensor) -> Tensor:

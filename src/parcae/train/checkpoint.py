@@ -8,6 +8,8 @@ Layout of `RUN/checkpoints/step-00000100/`:
 Nothing is ever unpickled. A checkpoint is written into a temporary directory, fsynced, renamed into
 place, and only then does the `latest` pointer (itself replaced atomically) name it; a crash at any
 point leaves `latest` naming a complete checkpoint. The newest `keep` checkpoints are kept.
+The format does not depend on how the run was distributed: with FSDP, rank 0 writes the gathered full
+state in exactly this layout (`parcae.train.distributed`), so any checkpoint resumes at any world size.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +63,11 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimiser state dict into tensors (for safetensors) and JSON-able rest."""
-    state_dict = optimizer.state_dict()
+def optimizer_to_files(
+    optimizer: torch.optim.Optimizer | dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser state dict (or the optimiser's own) into tensors (for safetensors) and JSON-able rest."""
+    state_dict = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entries in state_dict["state"].items():
@@ -84,13 +89,26 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+@dataclass
+class Snapshot:
+    """A checkpoint read into memory: trainer state, model weights (as saved: the tied head once) and the
+    optimiser state dict (parameters by index, as `Optimizer.state_dict()` numbers them)."""
+
+    state: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
 class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep: int = 3) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = max(1, keep)
 
     # ------------------------------------------------------------------ writing
-    def save(self, step: int, model: Parcae, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+    def save(
+        self, step: int, model: Parcae, optimizer: torch.optim.Optimizer | dict[str, Any], state: dict[str, Any]
+    ) -> Path:
+        """Write checkpoint `step` (the optimiser or its state dict) and point `latest` at it."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{_PREFIX}{step:08d}"
         tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
@@ -167,20 +185,25 @@ class CheckpointManager:
             return path
         return None
 
-    def load(self, path: Path, model: Parcae, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Verify, then restore model and optimiser in place; returns the trainer state."""
+    def read(self, path: Path, device: str | torch.device = "cpu") -> Snapshot:
+        """Verify, then read a checkpoint's files into memory (tensors on `device`)."""
         try:
             state = self.verify(path)
         except CheckpointError as err:
             fallback = self.newest_valid(before=path)
             hint = f"; the previous checkpoint {fallback} is intact: resume from it with --checkpoint {fallback.name}"
             raise CheckpointError(f"{err}{hint if fallback else ''}") from None
-        device = next(model.parameters()).device
-        model.load_weights(load_file(str(path / "model.safetensors"), device=str(device)))
+        weights = load_file(str(path / "model.safetensors"), device=str(device))
         meta = json.loads((path / "optimizer.json").read_text())
         tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
+        return Snapshot(state=state, weights=weights, optimizer=optimizer_from_files(tensors, meta))
+
+    def load(self, path: Path, model: Parcae, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Verify, then restore model and optimiser in place; returns the trainer state."""
+        snapshot = self.read(path, device=next(model.parameters()).device)
+        model.load_weights(snapshot.weights)
         try:
-            optimizer.load_state_dict(optimizer_from_files(tensors, meta))
+            optimizer.load_state_dict(snapshot.optimizer)
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"checkpoint {path} does not match this optimizer: {err}") from None
-        return state
+        return snapshot.state

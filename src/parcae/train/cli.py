@@ -14,7 +14,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="train a model (or resume a run)",
         description="Train a Parcae model or a baseline. Example:\n"
         "  parcae train --preset parcae-tiny --data stdlib --minutes 5 --out runs/tiny\n"
-        "  parcae train --resume runs/tiny            # continue after a stop or crash",
+        "  parcae train --resume runs/tiny            # continue after a stop or crash\n"
+        "  torchrun --nproc-per-node 8 -m parcae train --parallel fsdp …   # distributed (docs/distributed.md)",
         epilog=EPILOG_DATA + "\n--set takes any model field (e.g. mean_recurrence=4, injection=linear) or training "
         "field (e.g. lr=3e-3, optimizer=adamw, eval_every=100); values are parsed as YAML.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -30,12 +31,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     budget.add_argument("--steps", type=positive_int, help="optimizer steps")
     budget.add_argument("--tokens", type=positive_int, help="training tokens")
     budget.add_argument("--minutes", type=positive_float, help="training wall-clock minutes")
-    train.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch (default 16)")
+    train.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch and rank (default 16)")
+    train.add_argument(
+        "--grad-accum", type=positive_int, help="micro-batches per step (global batch = batch × accum × ranks)"
+    )
     train.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default: the model's context)")
     train.add_argument("--lr", type=positive_float, help="AdamW learning rate (default 8e-3)")
     train.add_argument("--tokenizer", help="'byte' (default) or a tokenizer.json / directory")
     train.add_argument("--seed", type=int)
-    train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N (under torchrun: cuda = cuda:LOCAL_RANK)")
+    train.add_argument(
+        "--parallel", choices=("ddp", "fsdp"),
+        help="under torchrun: ddp (default; replicated) or fsdp (FSDP2, sharded per block); may change on --resume",
+    )  # fmt: skip
+    train.add_argument("--lockstep", action="store_true", help="every rank draws the same depths and h₀")
     train.add_argument("--checkpoint", metavar="NAME", help="with --resume: a checkpoint other than the latest")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -48,11 +57,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     budget = {k: getattr(args, k) for k in ("steps", "tokens", "minutes") if getattr(args, k) is not None}
     if args.resume:
-        if args.preset or args.config or args.set or args.data or args.out:
-            raise ValueError("--resume continues a run as configured; only a new budget may be given with it.")
+        if args.preset or args.config or args.set or args.data or args.out or args.lockstep or args.grad_accum:
+            raise ValueError(
+                "--resume continues a run as configured; only a new budget and --parallel may be given with it."
+            )
         trainer = Trainer(
             None, TrainConfig(**budget) if budget else None, args.resume, resume=True,
-            checkpoint=args.checkpoint, progress_bar=not args.no_progress,
+            checkpoint=args.checkpoint, progress_bar=not args.no_progress, parallel=args.parallel,
         )  # fmt: skip
     else:
         if args.checkpoint:
@@ -61,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("give the run directory with --out DIR.")
         options = {
             "data": args.data, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-            "tokenizer": args.tokenizer, "seed": args.seed, "device": args.device, **budget,
+            "tokenizer": args.tokenizer, "seed": args.seed, "device": args.device, "grad_accum": args.grad_accum,
+            "parallel": args.parallel, "lockstep": args.lockstep or None, **budget,
         }  # fmt: skip
         model_cfg, train_cfg = build_configs(
             args.preset, args.config, args.set, {k: v for k, v in options.items() if v is not None}
@@ -69,8 +81,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(model_cfg, train_cfg, args.out, progress_bar=not args.no_progress)
     from ..config import count_params
 
-    print(f"model {trainer.model_config.name}: {count_params(trainer.model_config):,} parameters; "
-          f"run directory {trainer.run_dir}")  # fmt: skip
+    main = trainer.dist.is_main  # under torchrun only rank 0 reports
+    if main:
+        ranks = f" on {trainer.world_size} ranks ({trainer.config.parallel})" if trainer.dist.enabled else ""
+        print(f"model {trainer.model_config.name}: {count_params(trainer.model_config):,} parameters; "
+              f"run directory {trainer.run_dir}{ranks}")  # fmt: skip
     summary = trainer.train()
-    print(json.dumps(summary, indent=2))
+    if main:
+        print(json.dumps(summary, indent=2))
     return 0

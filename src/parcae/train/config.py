@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .schedule import SCHEDULES
 
 RUN_CONFIG = "run_config.json"
 BUDGETS = ("steps", "tokens", "minutes")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class TrainConfig:
     val_fraction: float = 0.02
     seq_len: int | None = None  # None: the model's max_seq_len
     batch_size: int = 16  # sequences per micro-batch (per rank)
-    grad_accum: int = 1
+    grad_accum: int = 1  # global batch = batch_size × grad_accum × world size
     # Budget: exactly one of these.
     steps: int | None = None
     tokens: int | None = None
@@ -51,8 +53,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     # Runtime.
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto | cpu | cuda, each rank cuda:LOCAL_RANK)
     compile: bool = False
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded per block)
+    lockstep: bool = False  # every rank draws the same depths and h₀ at a micro-step (else seeded per rank)
     # Monitoring.
     log_every: int = 10
     eval_every: int = 200
@@ -94,6 +98,10 @@ class TrainConfig:
             fail(f"eval_batches must be ≥ 0, got {self.eval_batches}.")
         if self.optimizer not in ("muon", "adamw"):
             fail(f"unknown optimizer {self.optimizer!r}; choose 'muon' or 'adamw'.")
+        if self.parallel not in PARALLEL_MODES:
+            fail(f"unknown parallel mode {self.parallel!r}; choose one of {', '.join(PARALLEL_MODES)}.")
+        if not isinstance(self.lockstep, bool):
+            fail(f"lockstep must be true or false, got {self.lockstep!r}.")
         if self.schedule not in SCHEDULES:
             fail(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         for name in ("warmup", "cooldown", "min_lr_ratio"):
@@ -145,17 +153,13 @@ def parse_value(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str) and _looks_numeric(value):
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         return float(value)  # YAML 1.1 reads "1e-3" as a string
     return value
 
 
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+# Floats written with an exponent but no dot, which YAML 1.1 leaves as strings.
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def parse_overrides(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -195,7 +199,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} is not valid YAML/JSON: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict) or not set(data) <= {"preset", "model", "train"}:
         raise ValueError(f"config file {path} must be a mapping with keys among preset, model, train.")
-    return data
+    return _numbers_from_strings(data)
+
+
+def _numbers_from_strings(value: Any) -> Any:
+    """YAML 1.1 reads exponent floats without a dot ("1e-05", as JSON writers emit them) as strings."""
+    if isinstance(value, dict):
+        return {key: _numbers_from_strings(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbers_from_strings(item) for item in value]
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def build_configs(

@@ -11,6 +11,8 @@ RUN/summary.json       written when training ends
 ```
 Resuming restores model, optimiser, data position and step counters exactly; depths and h₀ are
 seeded from (seed, micro-step, rank), so a resumed run reproduces the uninterrupted one step for step.
+Under torchrun the same trainer runs on every rank; `DistributedContext` (train/distributed.py) holds
+everything that differs between ranks, and with a single process all of it is the identity.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from torch import Tensor
 from ..config import ParcaeConfig
 from ..data.packing import BestFitPacker, val_batches
 from ..data.shards import ShardStore, is_prepared, prepare
-from ..data.tokenizer import Tokenizer, get_tokenizer, load_tokenizer
+from ..data.tokenizer import get_tokenizer, load_tokenizer
 from ..eval.loss import DepthResult, loss_by_depth
 from ..model.parcae import Parcae
 from ..model.recurrence import DepthSampler
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import TrainConfig, load_run_config, save_run_config
-from .optim import build_optimizer
+from .distributed import DistributedContext, restore_packer
+from .distributed import resolve_device as resolve_device  # re-exported: the eval/infer/sweep CLIs import it here
 from .schedule import lr_multiplier, muon_momentum, muon_weight_decay
 
 METRICS_FILE = "metrics.jsonl"
@@ -63,15 +66,6 @@ class Progress:
     rollbacks: int = 0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available.")
-    return device
-
-
 class Trainer:
     def __init__(
         self,
@@ -84,54 +78,63 @@ class Trainer:
         progress_bar: bool = True,
         echo: Callable[[str], None] = print,
         on_backward: Callable[[int, Parcae], None] | None = None,
+        parallel: str | None = None,
     ) -> None:
+        """`parallel` (ddp | fsdp) overrides the config's: how to distribute is a choice of each launch."""
         self.run_dir = Path(run_dir)
-        self.echo = echo
-        self.progress_bar = progress_bar
         self.on_backward = on_backward  # test hook: called after backward, before clipping
-        if resume:
+        if resume:  # every rank reads the saved config before the group forms, so before rank 0 rewrites it
             saved_model, saved_train = load_run_config(self.run_dir)
             model_config, config = saved_model, _with_budget(saved_train, config)
-        else:
-            if model_config is None or config is None:
-                raise ValueError("a new run needs a model config and a training config.")
-            _prepare_new_run_dir(self.run_dir)
+        elif model_config is None or config is None:
+            raise ValueError("a new run needs a model config and a training config.")
+        if parallel is not None:
+            config = dataclasses.replace(config, parallel=parallel)
+        self.dist = DistributedContext.from_environment(config.device, config.parallel)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.echo = echo if self.dist.is_main else _silent
+        self.progress_bar = progress_bar and self.dist.is_main
+        if not resume:
+            self.dist.on_main(lambda: _prepare_new_run_dir(self.run_dir))
         self.model_config, self.config = model_config, config
-        save_run_config(self.run_dir, model_config, config)
-        self.device = resolve_device(config.device)
-        self.rank, self.world_size = 0, 1
+        self.dist.on_main(lambda: save_run_config(self.run_dir, model_config, config))
+        self.device = self.dist.device
         torch.manual_seed(config.seed)
 
-        self.tokenizer, data_dir = self._prepare_data()
+        data_dir = self.dist.on_main(self._prepare_data)  # rank 0 tokenizes (once per run); the others wait
+        self.tokenizer = load_tokenizer(data_dir)
         self.seq_len = config.seq_len or model_config.max_seq_len
         if self.seq_len > model_config.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}.")
         self.train_store = ShardStore.open(data_dir, "train")
-        self.packer = BestFitPacker(
-            self.train_store, self.seq_len, config.batch_size, seed=config.seed, rank=self.rank,
-            world_size=self.world_size, pad_id=self.tokenizer.pad_id,
-        )  # fmt: skip
-        self.val_batches = self._validation_batches(data_dir)
+        self.packer = self.rank_packer(self.rank, self.world_size)
+        self.val_batches = self.dist.shard_batches(self._validation_batches(data_dir))
 
-        self.model = Parcae(model_config).to(self.device)
-        self.model.depth_sampler = DepthSampler(model_config, seed=config.seed, rank=self.rank)
+        self.model = Parcae(model_config).to(self.device)  # the same seed: the same weights on every rank
+        self.model.depth_sampler = DepthSampler(
+            model_config, seed=config.seed, rank=self.rank, lockstep=config.lockstep
+        )
         if config.compile:
             for block in self.model.blocks():
                 block.compile(dynamic=True)
-        self.optimizer = build_optimizer(self.model, config.optimizer_settings())
+        self.engine = self.dist.wrap(self.model)  # what the training forward calls (DDP wrapper / FSDP model)
+        self.optimizer = self.dist.build_optimizer(self.model, config.optimizer_settings())
         self.checkpoints = CheckpointManager(self.run_dir, keep=config.keep_checkpoints)
         self.progress = Progress()
         self.loss_ema: float | None = None
         self.last_val: dict[int, float] = {}
         self._stop_requested = False
         self._consecutive_skips = 0
-        if resume:
-            self._resume(checkpoint)
-        self.metrics_file = (self.run_dir / METRICS_FILE).open("a")
-        self.loggers = _optional_loggers(config, self.run_dir)
+        events = self._resume(checkpoint) if resume else []
+        if self.dist.is_main:
+            self.metrics_file = (self.run_dir / METRICS_FILE).open("a")
+            self.loggers = _optional_loggers(self.config, self.run_dir)
+        for event in events:
+            self._log(event)
 
     # ------------------------------------------------------------------ setup
-    def _prepare_data(self) -> tuple[Tokenizer, Path]:
+    def _prepare_data(self) -> Path:
+        """The tokenized data directory (tokenizing a raw spec into the run once); saves the tokenizer."""
         cfg = self.config
         if is_prepared(cfg.data):
             data_dir = Path(cfg.data)
@@ -156,9 +159,17 @@ class Trainer:
                 f"{self.model_config.vocab_size}; use --set vocab_size={tokenizer.vocab_size} (or larger)."
             )
         tokenizer.save(self.run_dir)
-        return tokenizer, data_dir
+        return data_dir
+
+    def rank_packer(self, rank: int, world_size: int) -> BestFitPacker:
+        """The training stream of rank `rank` in a `world_size`-rank run of this configuration."""
+        return BestFitPacker(
+            self.train_store, self.seq_len, self.config.batch_size, seed=self.config.seed, rank=rank,
+            world_size=world_size, pad_id=self.tokenizer.pad_id,
+        )  # fmt: skip
 
     def _validation_batches(self, data_dir: Path) -> list[tuple[Tensor, Tensor]]:
+        """The validation batches (the same on every rank; `shard_batches` gives each rank its share)."""
         if self.config.eval_batches == 0:
             return []
         try:
@@ -172,22 +183,49 @@ class Trainer:
             self.echo("note: the validation split is empty; validation is skipped.")
         return batches
 
-    def _resume(self, checkpoint: str | None) -> None:
+    def _resume(self, checkpoint: str | None) -> list[dict[str, Any]]:
+        """Restore everything from a checkpoint; returns events to log once the metrics file is open."""
+        path = self.dist.on_main(lambda: self._checkpoint_to_resume(checkpoint))
+        state = self.dist.load_checkpoint(self.checkpoints, path, self.model, self.optimizer)
+        self.progress = Progress(**state["progress"])
+        events = self._restore_data_position(state)
+        self.loss_ema = state.get("loss_ema")
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"]["torch"])), dtype=torch.uint8))
+        if self.dist.is_main:
+            _truncate_metrics(self.run_dir / METRICS_FILE, self.progress.step)
+        self.echo(f"resumed from {path.name} (step {self.progress.step}, {self.progress.tokens:,} tokens)")
+        return events
+
+    def _checkpoint_to_resume(self, checkpoint: str | None) -> Path:
         if checkpoint is not None:
             path = self.checkpoints.root / checkpoint
             if not path.is_dir():
                 raise CheckpointError(f"no checkpoint {checkpoint} in {self.checkpoints.root}")
+            return path
+        path = self.checkpoints.latest()
+        if path is None:
+            raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from")
+        return path
+
+    def _restore_data_position(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """The packer where the run left off; at another world size also keep the global batch if possible."""
+        saved = state["packers"] if "packers" in state else [state["packer"]]
+        note = restore_packer(self.packer, saved)
+        if note is None:
+            return []
+        before, cfg = len(saved), self.config
+        rows = cfg.grad_accum * before
+        if rows % self.world_size == 0:  # batch_size × grad_accum × world size stays what it was
+            self.config = dataclasses.replace(cfg, grad_accum=rows // self.world_size)
+            self.dist.on_main(lambda: save_run_config(self.run_dir, self.model_config, self.config))
+            batch = f"grad_accum {cfg.grad_accum} → {self.config.grad_accum} keeps the global batch"
         else:
-            path = self.checkpoints.latest()
-            if path is None:
-                raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from")
-        state = self.checkpoints.load(path, self.model, self.optimizer)
-        self.progress = Progress(**state["progress"])
-        self.packer.load_state_dict(state["packer"])
-        self.loss_ema = state.get("loss_ema")
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"]["torch"])), dtype=torch.uint8))
-        _truncate_metrics(self.run_dir / METRICS_FILE, self.progress.step)
-        self.echo(f"resumed from {path.name} (step {self.progress.step}, {self.progress.tokens:,} tokens)")
+            batch = (
+                f"the global batch changes from {cfg.batch_size * rows} to {self.tokens_per_step // self.seq_len} rows"
+            )
+        self.echo(f"world size {before} → {self.world_size}: {batch}; {note}")
+        return [{"event": "world_size", "step": self.progress.step, "from": before, "to": self.world_size,
+                 "grad_accum": self.config.grad_accum, "data": note}]  # fmt: skip
 
     # ------------------------------------------------------------------ budget
     @property
@@ -212,35 +250,61 @@ class Trainer:
         cfg = self.config
         if cfg.steps is None and cfg.tokens is None and cfg.minutes is None:
             raise ValueError("give a training budget: --steps, --tokens or --minutes.")
-        self._log({"event": "start", "step": self.progress.step, "params": self.model.num_parameters(),
-                   "tokens_per_step": self.tokens_per_step, "device": str(self.device)})  # fmt: skip
+        start = {"event": "start", "step": self.progress.step, "params": self.model.num_parameters(),
+                 "tokens_per_step": self.tokens_per_step, "device": str(self.device)}  # fmt: skip
+        if self.dist.enabled:
+            start.update(world_size=self.world_size, parallel=self.config.parallel)
+        self._log(start)
+        try:
+            self._train_loop()
+            if self._stop_requested:
+                path = self._save_checkpoint()
+                self.echo(f"stopped at step {self.progress.step}; checkpoint {path.name} saved. Resume with --resume.")
+            else:
+                if self.val_batches and self.progress.step % cfg.eval_every:
+                    self._validate()
+                self._save_checkpoint()
+            return self._write_summary(interrupted=self._stop_requested)
+        finally:
+            # Drop the DDP wrapper before leaving the group: were its C++ reducer the group's last owner, freeing
+            # it would tear the group down while holding the GIL and deadlock with gloo's worker threads.
+            self.engine = self.model
+            self.dist.close()
+
+    def _train_loop(self) -> None:
         bar = self._progress_bar()
-        previous = _install_stop_handler(self)
+        # With several ranks Ctrl-C is a stop request too: a rank interrupted mid-collective could never checkpoint.
+        previous = _install_stop_handlers(self, interrupt=self.dist.enabled)
         try:
             while self.fraction_done() < 1.0 and not self._stop_requested:
                 started = time.perf_counter()
                 record = self._train_step()
-                self.progress.elapsed += time.perf_counter() - started
+                self.progress.elapsed += self._agree_on_step_end(time.perf_counter() - started)
                 self._after_step(record, bar)
         except KeyboardInterrupt:
             self._stop_requested = True
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if bar is not None:
                 bar.close()
-        if self._stop_requested:
-            path = self._save_checkpoint()
-            self.echo(f"stopped at step {self.progress.step}; checkpoint {path.name} saved. Resume with --resume.")
-        else:
-            if self.val_batches and self.progress.step % cfg.eval_every:
-                self._validate()
-            self._save_checkpoint()
-        return self._write_summary(interrupted=self._stop_requested)
+
+    def _agree_on_step_end(self, seconds: float) -> float:
+        """Every rank takes the slowest rank's step time and stops if any rank was asked to: their budgets
+        and stop decisions must agree, or one rank would wait forever in a collective the others never reach."""
+        if not self.dist.enabled:
+            return seconds
+        seconds, stop = self.dist.all_reduce([seconds, float(self._stop_requested)], op="max")
+        self._stop_requested = stop > 0
+        return seconds
 
     def _train_step(self) -> dict[str, Any]:
         cfg, model, progress = self.config, self.model, self.progress
         fraction = self.fraction_done()
-        multiplier = lr_multiplier(fraction, cfg.schedule, cfg.warmup, cfg.cooldown, cfg.min_lr_ratio)
+        # The schedule is read at the middle of the step, so neither the first warm-up step nor the last
+        # cooldown step gets a learning rate of exactly zero.
+        midpoint = fraction if self.total_steps is None else (progress.step + 0.5) / self.total_steps
+        multiplier = lr_multiplier(midpoint, cfg.schedule, cfg.warmup, cfg.cooldown, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * multiplier
             if group["algorithm"] == "muon":
@@ -249,23 +313,31 @@ class Trainer:
         model.train()
         losses, metrics = [], []
         finite = True
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             inputs, labels = (t.to(self.device, non_blocking=True) for t in self.packer.next_batch())
-            with self._autocast():
-                out = model(inputs, labels=labels, step=progress.micro_step, return_logits=False)
-            progress.micro_step += 1
-            progress.tokens += inputs.numel() * self.world_size
-            loss = out.loss.float()
-            if not torch.isfinite(loss):
-                finite = False
-                continue
-            (loss / cfg.grad_accum).backward()
-            losses.append(loss.item())
-            metrics.append(out.metrics)
+            with self.dist.gradient_sync(self.engine, enabled=micro == cfg.grad_accum - 1):
+                with self._autocast():
+                    out = self.engine(inputs, labels=labels, step=progress.micro_step, return_logits=False)
+                progress.micro_step += 1
+                progress.tokens += inputs.numel() * self.world_size
+                loss = out.loss.float()
+                if torch.isfinite(loss):
+                    losses.append(loss.item())
+                    metrics.append(out.metrics)
+                else:
+                    finite = False
+                # Backward even through a non-finite loss: the step is skipped anyway, and every rank must
+                # take part in the same gradient reductions.
+                (loss / cfg.grad_accum).backward()
         if self.on_backward is not None:
             self.on_backward(progress.step, model)
         grad_norm = self._clip_gradients()
-        skipped = not finite or not math.isfinite(grad_norm)
+        # One all-reduce: every rank logs the global mean loss and skips exactly when any rank saw a non-finite
+        # loss or gradient (telemetry in `metrics` stays this rank's own).
+        loss_sum, count, bad = self.dist.all_reduce(
+            [sum(losses), len(losses), not finite or not math.isfinite(grad_norm)]
+        )
+        skipped = bad > 0
         if skipped:
             progress.skipped += 1
             self._consecutive_skips += 1
@@ -276,7 +348,7 @@ class Trainer:
         progress.step += 1
         record: dict[str, Any] = {
             "step": progress.step,
-            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "loss": loss_sum / count if count else float("nan"),
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "tokens": progress.tokens,
@@ -291,7 +363,7 @@ class Trainer:
         if not params:
             return float("nan")
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return self.dist.clip_grad_norm(params, max_norm)
 
     def _after_step(self, record: dict[str, Any], bar: Any) -> None:
         cfg, progress = self.config, self.progress
@@ -333,11 +405,11 @@ class Trainer:
         progress = self.progress
         if progress.rollbacks >= self.config.max_rollbacks:
             raise TrainingError(f"loss spiked again after {progress.rollbacks} rollbacks; stopping.")
-        path = self.checkpoints.latest()
+        path = self.dist.on_main(self.checkpoints.latest)
         if path is None:
             self.echo("no checkpoint to roll back to yet; continuing.")
             return
-        state = self.checkpoints.load(path, self.model, self.optimizer)
+        state = self.dist.load_checkpoint(self.checkpoints, path, self.model, self.optimizer)
         progress.rollbacks += 1
         self.loss_ema = state.get("loss_ema")
         self._log({"event": "rollback", "step": progress.step, "to": path.name})
@@ -351,7 +423,7 @@ class Trainer:
         )
 
     def _state_diagnosis(self, record: dict[str, Any]) -> str:
-        rho = float(self.model.injection.spectral_radius()) if self.model.config.is_looped else None
+        rho = self._spectral_radius() if self.model.config.is_looped else None
         parts = []
         if rho is not None:
             parts.append(
@@ -366,27 +438,34 @@ class Trainer:
         depths = self.config.depths_to_evaluate(self.model_config.mean_recurrence)
         if not self.model_config.is_looped:
             depths = depths[:1]
-        with self._autocast():
+        with self._autocast():  # DDP: the plain module (no gradient sync); FSDP: the sharded one, on every rank
             results = loss_by_depth(self.model, self.val_batches, depths, state_seed=self.config.seed)
+        results = self.dist.reduce_depth_results(results)
         self.last_val = {r.depth: r.loss for r in results}
         entry: dict[str, Any] = {"event": "val", "step": self.progress.step,
                                  "val_loss": {str(r.depth): r.loss for r in results}}  # fmt: skip
         if self.model_config.is_looped:
-            entry["rho_A"] = float(self.model.injection.spectral_radius())
+            entry["rho_A"] = self._spectral_radius()
             entry["state_norm"] = {str(r.depth): r.state_norm for r in results}
             entry["recurrent_residual"] = {str(r.depth): r.residual for r in results}
         self._log(entry)
         return results
 
+    def _spectral_radius(self) -> float:
+        """ρ(Ā) as a float (with FSDP the injection's shards are gathered for it: every rank must call this)."""
+        with self.dist.full_parameters(self.model):
+            return float(self.model.injection.spectral_radius())
+
     def _save_checkpoint(self) -> Path:
+        packers = self.dist.all_gather_object(self.packer.state_dict())  # every rank's data position
         state = {
             "progress": vars(self.progress).copy(),
-            "packer": self.packer.state_dict(),
+            **({"packers": packers} if self.dist.enabled else {"packer": packers[0]}),
             "loss_ema": self.loss_ema,
             "rng": {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()},
             "last_val": {str(k): v for k, v in self.last_val.items()},
         }
-        path = self.checkpoints.save(self.progress.step, self.model, self.optimizer, state)
+        path = self.dist.save_checkpoint(self.checkpoints, self.progress.step, self.model, self.optimizer, state)
         self._log({"event": "checkpoint", "step": self.progress.step, "path": path.name})
         return path
 
@@ -409,8 +488,9 @@ class Trainer:
             "interrupted": interrupted,
             "latest_checkpoint": str(self.checkpoints.latest()),
         }
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        self.metrics_file.close()
+        if self.dist.is_main:
+            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            self.metrics_file.close()
         return summary
 
     def _progress_bar(self) -> Any:
@@ -495,12 +575,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("\n".join(kept) + "\n")
 
 
-def _install_stop_handler(trainer: Trainer) -> Any:
-    """SIGTERM (e.g. from a scheduler) finishes the current step, checkpoints and exits cleanly."""
-    try:
-        return signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop())
-    except ValueError:  # not in the main thread
-        return signal.getsignal(signal.SIGTERM)
+def _install_stop_handlers(trainer: Trainer, interrupt: bool) -> dict[int, Any]:
+    """SIGTERM (e.g. from a scheduler) — and SIGINT when `interrupt` — finishes the current step, checkpoints
+    and exits cleanly. Returns the previous handlers."""
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT) if interrupt else (signal.SIGTERM,):
+        with contextlib.suppress(ValueError):  # not in the main thread
+            previous[signum] = signal.signal(signum, lambda *_: trainer.request_stop())
+    return previous
+
+
+def _silent(_: str) -> None:
+    """`echo` on ranks other than 0."""
 
 
 def _optional_loggers(config: TrainConfig, run_dir: Path) -> list[Callable[[dict[str, Any]], None]]:

@@ -1,0 +1,202 @@
+"""Training step speed: Parcae as shipped vs the same model executed the official way, side by side.
+
+Rows, in one process, with the same weights, batches and per-sequence depth samples:
+- `parcae`    — our forward (compacted loop, hoisted invariants, chunked loss) + backward + optimizer step;
+- `official`  — a reference mode that lives only here: every row runs the batch's maximum no-grad and grad
+                depth and is frozen with `torch.where` (official-notes §3), loop invariants (B·e, the decay,
+                the value-embedding lookups) recomputed every iteration, full fp32 logits (§10);
+- `gpt`       — the fixed-depth Transformer of the same size (cost per token of looping).
+Warm-up steps first, then A/B/C alternating measured steps; medians. Memory: peak CUDA allocation on GPU;
+on CPU the bytes autograd saves for backward (the activation memory), counted with saved-tensor hooks.
+
+Usage:
+  python benchmarks/train_speed.py                     # CPU: tiny config and the 140M shape (short sequences)
+  python benchmarks/train_speed.py --configs tiny --steps 10
+  python benchmarks/train_speed.py --device cuda --configs 140m --seq-len 2048 --batch 8   # GPU, bf16 autocast
+The last line is the ratio of tokens/s, ours / official, for the last config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from parcae import DepthPlan, DepthSampler, Parcae, get_preset
+from parcae.train.optim import OptimizerSettings, build_optimizer
+
+CONFIGS = {
+    # name: (looped preset, fixed-depth preset, default micro-batch, default seq_len on CPU)
+    "tiny": ("parcae-tiny", "gpt-tiny", 16, 128),
+    "140m": ("parcae-140m", "gpt-140m", 4, 128),
+}
+
+
+def official_forward(model: Parcae, ids: Tensor, labels: Tensor, plan: DepthPlan, state_seed: int) -> Tensor:
+    """The official execution strategy on our modules: masked loop over the batch maximum, invariants recomputed
+    every iteration, full fp32 logits."""
+    cfg = model.config
+    cos, sin = model.rotary.tables(ids.shape[1])
+    x = model.embed(ids)
+    for i, block in enumerate(model.prelude):
+        ve = model.value_embeds[str(i)](ids) if str(i) in model.value_embeds else None
+        x = block(x, cos, sin, ve)
+    e = model.prelude_norm(x) if model.prelude_norm is not None else x
+    h = model._initial_state(e, state_seed, None)
+    no_grad, grad = plan.no_grad.to(ids.device), plan.grad.to(ids.device)
+
+    def core(state: Tensor) -> Tensor:
+        drive, shared = model.injection.prepare(e)  # B·e and the decay: recomputed each iteration
+        y = model.injection.step(state, drive, shared)
+        for j, block in enumerate(model.core):
+            key = str(cfg.n_prelude + j)
+            ve = model.value_embeds[key](ids) if key in model.value_embeds else None  # lookup per iteration
+            y = block(y, cos, sin, ve)
+        return y
+
+    with torch.no_grad():
+        for step in range(int(plan.no_grad.max())):
+            h = torch.where((step < no_grad)[:, None, None], core(h), h)
+    for step in range(int(plan.grad.max())):
+        h = torch.where((step < grad)[:, None, None], core(h), h)
+    x = model.readout(h)
+    offset = cfg.n_prelude + cfg.n_core
+    for j, block in enumerate(model.coda):
+        key = str(offset + j)
+        x = block(x, cos, sin, model.value_embeds[key](ids) if key in model.value_embeds else None)
+    logits = model.lm_head(model.final_norm(x)).float()  # [B, L, V] in fp32, all at once
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+class SavedBytes:
+    """Bytes autograd keeps for backward (activation memory), counted with saved-tensor hooks."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.total = 0
+        # Weights (and views of them, such as transposes) are not activation memory.
+        self._seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(self, tensor: Tensor) -> Tensor:
+        key = tensor.untyped_storage().data_ptr()
+        if key not in self._seen:
+            self._seen.add(key)
+            self.total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+@dataclass
+class Row:
+    name: str
+    model: Parcae
+    step: Callable[[Tensor, Tensor, DepthPlan, int], Tensor]  # returns the loss (backward done inside)
+    times: list[float]
+    memory: list[float]
+    executed: int = 0
+    sampled: int = 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="tiny,140m", help="comma-separated: " + ", ".join(CONFIGS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, help="micro-batch (default per config)")
+    parser.add_argument("--seq-len", type=int, help="sequence length (default per config)")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per row")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks of our model")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    ratio = float("nan")
+    for name in args.configs.split(","):
+        looped_name, fixed_name, batch, seq_len = CONFIGS[name]
+        batch, seq_len = args.batch or batch, args.seq_len or seq_len
+        ratio = run_config(looped_name, fixed_name, batch, seq_len, args, device, autocast)
+    print(f"speed ratio ours/official (tokens/s, {args.configs.split(',')[-1]}): {ratio:.2f}")
+
+
+def run_config(looped_name, fixed_name, batch, seq_len, args, device, autocast) -> float:
+    torch.manual_seed(0)
+    cfg = get_preset(looped_name, max_seq_len=max(seq_len, 16))
+    ours = Parcae(cfg).to(device)
+    reference = Parcae(cfg).to(device)
+    reference.load_state_dict(ours.state_dict())
+    fixed = Parcae(get_preset(fixed_name, max_seq_len=max(seq_len, 16))).to(device)
+    sampler = DepthSampler(cfg, seed=0)
+    optimizers = {id(m): build_optimizer(m, OptimizerSettings()) for m in (ours, reference, fixed)}
+
+    def train_step(model: Parcae, compute_loss: Callable[[], Tensor]) -> Tensor:
+        model.train()
+        with autocast:
+            loss = compute_loss()
+        loss.backward()
+        optimizer = optimizers[id(model)]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    rows = [
+        Row("parcae", ours, lambda x, y, plan, s: train_step(
+            ours, lambda: ours(x, labels=y, depth_plan=plan, state_seed=s, return_logits=False).loss), [], []),
+        Row("official", reference, lambda x, y, plan, s: train_step(
+            reference, lambda: official_forward(reference, x, y, plan, s)), [], []),
+        Row("gpt", fixed, lambda x, y, plan, s: train_step(
+            fixed, lambda: fixed(x, labels=y, return_logits=False).loss), [], []),
+    ]  # fmt: skip
+    if args.compile:
+        for block in ours.blocks():
+            block.compile(dynamic=True)
+    vocab = cfg.vocab_size
+    print(f"\n{looped_name} vs {fixed_name}: micro-batch {batch} × {seq_len} tokens, μ_rec {cfg.mean_recurrence}")
+    for step in range(args.warmup + args.steps):
+        ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=torch.Generator().manual_seed(step))
+        x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)
+        plan = sampler.sample(batch, seq_len, step)  # the same depths for both looped rows
+        for row in rows:
+            counter = SavedBytes(row.model)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            with counter.context():
+                row.step(x, y, plan, step)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            if step >= args.warmup:
+                row.times.append(elapsed)
+                peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else counter.total
+                row.memory.append(peak / 2**20)
+                if row.name == "parcae":
+                    row.sampled += int(plan.total.sum())
+                    row.executed += int(plan.total.sum())  # the compacted loop runs exactly the sampled passes
+                elif row.name == "official":
+                    row.sampled += int(plan.total.sum())
+                    row.executed += batch * (int(plan.no_grad.max()) + int(plan.grad.max()))
+    memory_kind = "peak CUDA MiB" if device.type == "cuda" else "saved-for-backward MiB"
+    print(f"{'row':<9} {'ms/step':>9} {'tokens/s':>10} {memory_kind:>24} {'executed/sampled':>17}")
+    speeds = {}
+    for row in rows:
+        ms = 1000 * statistics.median(row.times)
+        speeds[row.name] = batch * seq_len / (ms / 1000)
+        passes = f"{row.executed / row.sampled:.3f}" if row.sampled else "-"
+        memory = statistics.median(row.memory)
+        print(f"{row.name:<9} {ms:9.1f} {speeds[row.name]:10.0f} {memory:24.1f} {passes:>17}")
+    ratio = speeds["parcae"] / speeds["official"]
+    print(f"ours/official tokens/s: {ratio:.2f}; looped/fixed cost per token: {speeds['gpt'] / speeds['parcae']:.2f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

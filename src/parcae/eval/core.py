@@ -1,0 +1,433 @@
+"""A CORE-style downstream harness, per test-time depth T.
+
+Task files (jsonl, one example per line; `../shared/eval/core/README.md`) come in three formats:
+  multiple choice     {"query", "choices", "gold"}           score query ⊕ choice; lowest mean loss wins
+  schema              {"context_options", "continuation", "gold"}  score option ⊕ continuation; lowest wins
+  language modeling   {"context", "continuation"}            correct iff greedy decoding reproduces it
+Any jsonl in one of these formats works; `CORE_TASKS` names the 18 files of the shared CORE subset with
+their few-shot counts and random baselines (other files run 0-shot with the chance rate of their choices).
+
+Prompt rendering (fixed; `render_option`):
+  * A demonstration is an example's gold option, `context ⊕ continuation`, where `a ⊕ b` is `a + " " + b`,
+    or `a + b` when `a` is empty or already ends in whitespace (queries ending in "\\n" or "Answer: ").
+  * The prompt of an option is the demonstrations, each followed by "\\n\\n", then the option's context;
+    the sequence is `<|bos|>` + tokens(prompt without its trailing whitespace) + tokens(that trailing
+    whitespace, or the " " delimiter, + continuation). Only the second part is scored (its tokens are
+    encoded separately, so the scored tokens are exactly the continuation's, as in lm-eval).
+  * Over-long sequences lose tokens from the left (BOS and demonstrations first, then the context) so
+    that the longest option fits the model's context; every option of an example keeps the same number of
+    context tokens (multiple-choice options are compared on the same context). They are flagged
+    `truncated` in the predictions.
+Few-shot demonstrations (k = the task's shots, or `--fewshot`) are drawn without replacement from the
+other examples of the same file, with a generator seeded by (seed, task, example index): the draw never
+includes the example itself and is the same on every run. With `max_per_task`, a fixed subset (the first
+examples of a seed-1337 permutation, the same for every seed and depth) is evaluated; demonstrations are
+still drawn from the whole file.
+
+Scores: accuracy per task; centered accuracy (acc − b)/(1 − b) with b the random baseline; CORE = mean
+centered accuracy over tasks ("CORE-18" for the full shared subset; not comparable to published 22-task
+CORE). Each seed changes both the few-shot draw and h₀; figures are mean ± population std over seeds.
+boolq's baseline is its majority-class rate (62.2 %), as in DCLM's CORE metadata: a model that always
+answers "yes" then scores 0 rather than 0.24.
+
+Malformed input stops the run with `file:line` (skipping lines would silently change the scores).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from ..data.tokenizer import Tokenizer
+from ..model.parcae import Parcae
+from .scoring import Row, check_depths, make_row, score_groups
+
+MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "language_modeling"
+KIND_LABELS = {MULTIPLE_CHOICE: "MC", SCHEMA: "schema", LANGUAGE_MODELING: "LM"}
+FEWSHOT_SEPARATOR = "\n\n"
+SUBSET_SEED = 1337  # fixes which examples `max_per_task` keeps
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # the CORE label
+    file: str
+    kind: str
+    shots: int  # few-shot examples in CORE
+    baseline: float | None  # random baseline as a fraction; None: the chance rate of the file's choices
+
+
+# The shared CORE subset (../shared/eval/core/README.md); the same order as its table.
+CORE_TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec("jeopardy", "jeopardy_all.jsonl", LANGUAGE_MODELING, 10, 0.0),
+    TaskSpec("bigbench_qa_wikidata", "bigbench_qa_wikidata.jsonl", LANGUAGE_MODELING, 10, 0.0),
+    TaskSpec("arc_easy", "arc_easy.jsonl", MULTIPLE_CHOICE, 10, 0.25),
+    TaskSpec("arc_challenge", "arc_challenge.jsonl", MULTIPLE_CHOICE, 10, 0.25),
+    TaskSpec("copa", "copa.jsonl", MULTIPLE_CHOICE, 0, 0.50),
+    TaskSpec("commonsense_qa", "commonsense_qa.jsonl", MULTIPLE_CHOICE, 10, 0.25),
+    TaskSpec("piqa", "piqa.jsonl", MULTIPLE_CHOICE, 10, 0.50),
+    TaskSpec("openbook_qa", "openbook_qa.jsonl", MULTIPLE_CHOICE, 0, 0.25),
+    TaskSpec("lambada_openai", "lambada_openai.jsonl", LANGUAGE_MODELING, 0, 0.0),
+    TaskSpec("winograd", "winograd_wsc.jsonl", SCHEMA, 0, 0.50),
+    TaskSpec("winogrande", "winogrande.jsonl", SCHEMA, 0, 0.50),
+    TaskSpec("bigbench_dyck_languages", "bigbench_dyck_languages.jsonl", LANGUAGE_MODELING, 10, 0.0),
+    TaskSpec("agi_eval_lsat_ar", "agi_eval_lsat_ar.jsonl", MULTIPLE_CHOICE, 3, 0.25),
+    TaskSpec("bigbench_cs_algorithms", "bigbench_cs_algorithms.jsonl", LANGUAGE_MODELING, 10, 0.0),
+    TaskSpec("bigbench_operators", "bigbench_operators.jsonl", LANGUAGE_MODELING, 10, 0.0),
+    TaskSpec("bigbench_repeat_copy_logic", "bigbench_repeat_copy_logic.jsonl", LANGUAGE_MODELING, 10, 0.0),
+    TaskSpec("boolq", "boolq.jsonl", MULTIPLE_CHOICE, 10, 0.622),  # majority class (see module docstring)
+    TaskSpec("bigbench_language_identification", "bigbench_language_identification.jsonl", MULTIPLE_CHOICE, 10, 0.25),
+)
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class Example:
+    """One example as options: option i is `contexts[i] ⊕ continuations[i]`; LM examples have one option."""
+
+    line: int  # 1-based line in its file
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    gold: int  # the correct option (0 for language modeling)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str
+    shots: int
+    baseline: float
+    path: Path
+    examples: tuple[Example, ...]
+
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f'"{key}" must be a string.')
+    return value
+
+
+def _texts(record: dict, key: str) -> list[str]:
+    value = record.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f'"{key}" must be a non-empty list of strings.')
+    return value
+
+
+def _gold(record: dict, n: int) -> int:
+    gold = record.get("gold")
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < n:
+        raise ValueError(f'"gold" must be an integer in [0, {n}), got {gold!r}.')
+    return gold
+
+
+def parse_example(record: Any, line: int) -> tuple[str, Example]:
+    """(kind, example) of one decoded jsonl record; ValueError (one sentence) if it fits no format."""
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object.")
+    if "choices" in record or "query" in record:
+        query, choices = _text(record, "query"), _texts(record, "choices")
+        gold = _gold(record, len(choices))
+        return MULTIPLE_CHOICE, Example(line, (query,) * len(choices), tuple(choices), gold)
+    if "context_options" in record:
+        options, continuation = _texts(record, "context_options"), _text(record, "continuation")
+        gold = _gold(record, len(options))
+        return SCHEMA, Example(line, tuple(options), (continuation,) * len(options), gold)
+    if "context" in record and "continuation" in record:
+        return LANGUAGE_MODELING, Example(line, (_text(record, "context"),), (_text(record, "continuation"),), 0)
+    raise ValueError('unknown format: expected "query"/"choices"/"gold", "context_options"/"continuation"/"gold" '
+                     'or "context"/"continuation".')  # fmt: skip
+
+
+def read_examples(path: str | Path) -> tuple[str, tuple[Example, ...]]:
+    """The kind and examples of a task file. Blank lines are skipped; any malformed line stops with file:line."""
+    path = Path(path)
+    kind: str | None = None
+    examples: list[Example] = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
+            try:
+                line_kind, example = parse_example(record, number)
+            except ValueError as err:
+                raise ValueError(f"{path}:{number}: {err}") from None
+            if kind is not None and line_kind != kind:
+                raise ValueError(f"{path}:{number}: a {line_kind} example in a {kind} task file.")
+            kind = line_kind
+            examples.append(example)
+    if kind is None:
+        raise ValueError(f"{path} holds no examples (an empty task).")
+    return kind, tuple(examples)
+
+
+def chance_rate(examples: Sequence[Example], kind: str) -> float:
+    """The expected accuracy of a uniform random guess (0 for language modeling)."""
+    if kind == LANGUAGE_MODELING:
+        return 0.0
+    return statistics.fmean(1.0 / len(e.continuations) for e in examples)
+
+
+def load_task(spec: TaskSpec, directory: str | Path) -> Task:
+    path = Path(directory) / spec.file
+    if not path.is_file():
+        raise FileNotFoundError(f"task {spec.name}: {path} does not exist.")
+    kind, examples = read_examples(path)
+    if kind != spec.kind:
+        raise ValueError(f"task {spec.name}: {path} holds {kind} examples, expected {spec.kind}.")
+    baseline = chance_rate(examples, kind) if spec.baseline is None else spec.baseline
+    return Task(name=spec.name, kind=kind, shots=spec.shots, baseline=baseline, path=path, examples=examples)
+
+
+def find_tasks(directory: str | Path, names: Sequence[str] | None = None) -> list[TaskSpec]:
+    """Task specs for `directory`: the `CORE_TASKS` present there plus any other *.jsonl (0-shot, chance
+    baseline); `names` (CORE labels or file stems) selects some, in the given order."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory of task files.")
+    known = {spec.file for spec in CORE_TASKS}
+    extra = [TaskSpec(p.stem, p.name, _kind_of(p), 0, None)
+             for p in sorted(directory.glob("*.jsonl")) if p.name not in known]  # fmt: skip
+    present = [spec for spec in CORE_TASKS if (directory / spec.file).is_file()] + extra
+    if names is None:
+        if not present:
+            raise ValueError(f"{directory} holds no task files (*.jsonl).")
+        return present
+    by_name = {spec.name: spec for spec in (*CORE_TASKS, *extra)}
+    by_name.update({Path(spec.file).stem: spec for spec in (*CORE_TASKS, *extra)})
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        available = ", ".join(spec.name for spec in present)
+        raise ValueError(f"unknown task {unknown[0]!r}; the tasks in {directory} are: {available}.")
+    return [by_name[name] for name in dict.fromkeys(names)]
+
+
+def _kind_of(path: Path) -> str:
+    """The format of a task file, from its first example (the whole file is checked when loaded)."""
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    return parse_example(json.loads(line), number)[0]
+                except (ValueError, json.JSONDecodeError) as err:
+                    raise ValueError(f"{path}:{number}: {err}") from None
+    raise ValueError(f"{path} holds no examples (an empty task).")
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def fewshot_indices(n: int, index: int, shots: int, seed: int, task: str) -> list[int]:
+    """`min(shots, n − 1)` distinct example indices ≠ `index`, drawn by a generator seeded by (seed, task, index)."""
+    k = min(shots, n - 1)
+    if k <= 0:
+        return []
+    rng = np.random.default_rng([seed, zlib.crc32(task.encode("utf-8")), index])
+    picks = rng.choice(n - 1, size=k, replace=False)
+    return [int(p) + int(p >= index) for p in picks]  # skip `index` itself
+
+
+def join(context: str, continuation: str) -> tuple[str, str]:
+    """(unscored head, scored tail) of `context ⊕ continuation`: the context's trailing whitespace, or a
+    single-space delimiter, goes to the scored tail (so the tail's first token carries the word boundary)."""
+    head = context.rstrip()
+    trailing = context[len(head) :]
+    delimiter = "" if trailing or not head else " "
+    return head, trailing + delimiter + continuation
+
+
+def render_option(example: Example, option: int, demos: Sequence[Example]) -> tuple[str, str]:
+    """(unscored head, scored tail) of one option's prompt, with the demonstrations in front."""
+    prefix = "".join("".join(join(d.contexts[d.gold], d.continuations[d.gold])) + FEWSHOT_SEPARATOR for d in demos)
+    return join(prefix + example.contexts[option], example.continuations[option])
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    rows: tuple[Row, ...]  # one per option
+    fewshot: tuple[int, ...]  # indices of the demonstrations in the task's examples
+    truncated: bool
+
+
+def encode_examples(
+    task: Task, indices: Sequence[int], tokenizer: Tokenizer, *, seed: int, shots: int, max_len: int
+) -> list[EncodedExample]:
+    """The scored rows of the examples at `indices`, with demonstrations drawn for `seed`."""
+    examples = task.examples
+    draws = [fewshot_indices(len(examples), i, shots, seed, task.name) for i in indices]
+    texts: list[str] = []
+    for i, draw in zip(indices, draws, strict=True):
+        demos = [examples[j] for j in draw]
+        for option in range(len(examples[i].contexts)):
+            texts.extend(render_option(examples[i], option, demos))
+    tokens = iter(tokenizer.encode_batch(texts))
+    encoded = []
+    for i, draw in zip(indices, draws, strict=True):
+        pieces = [(next(tokens), next(tokens)) for _ in examples[i].contexts]
+        if not all(tail for _, tail in pieces):
+            raise ValueError(f"{task.path}:{examples[i].line}: the continuation is empty.")
+        # Every option keeps the same number of context tokens, so that the longest fits the window:
+        # the options of a multiple-choice example are compared on the same context.
+        keep = max(1, max_len + 1 - max(len(tail) for _, tail in pieces))
+        rows, truncated = [], False
+        for head, tail in pieces:
+            context = [tokenizer.bos_id, *head]
+            row, cut = make_row(context[-keep:], tail, max_len)
+            rows.append(row)
+            truncated |= cut or keep < len(context)
+        encoded.append(EncodedExample(rows=tuple(rows), fewshot=tuple(draw), truncated=truncated))
+    return encoded
+
+
+def subset(n: int, max_per_task: int | None) -> list[int]:
+    """The indices evaluated: all, or `max_per_task` of them from a fixed permutation (in file order)."""
+    if max_per_task is None or max_per_task >= n:
+        return list(range(n))
+    return sorted(int(i) for i in np.random.default_rng(SUBSET_SEED).permutation(n)[:max_per_task])
+
+
+# ---------------------------------------------------------------------------------------------- results
+def centered(accuracy: np.ndarray | float, baseline: np.ndarray | float) -> np.ndarray:
+    """(acc − b)/(1 − b): 0 at the random baseline, 1 when every answer is right."""
+    return (np.asarray(accuracy) - np.asarray(baseline)) / (1.0 - np.asarray(baseline))
+
+
+@dataclass
+class CoreResult:
+    tasks: list[Task]
+    shots: list[int]  # few-shot examples used per task
+    examples: list[int]  # examples evaluated per task
+    depths: list[int]
+    seeds: list[int]
+    accuracy: np.ndarray  # [depth, seed, task]
+
+    @property
+    def baselines(self) -> np.ndarray:
+        return np.array([t.baseline for t in self.tasks])
+
+    @property
+    def centered(self) -> np.ndarray:
+        return centered(self.accuracy, self.baselines)
+
+    @property
+    def core(self) -> np.ndarray:
+        """[depth, seed]: mean centered accuracy over the tasks."""
+        return self.centered.mean(axis=-1)
+
+    @property
+    def label(self) -> str:
+        full = {t.name for t in self.tasks} == {s.name for s in CORE_TASKS} and len(self.tasks) == len(CORE_TASKS)
+        return "CORE-18" if full else f"CORE ({len(self.tasks)} tasks)"
+
+    def to_dict(self) -> dict[str, Any]:
+        def mean_std(values: np.ndarray) -> dict[str, float]:
+            return {"mean": float(values.mean()), "std": float(values.std())}  # population std over seeds
+
+        per_depth = []
+        for d, depth in enumerate(self.depths):
+            tasks = {
+                t.name: {
+                    "accuracy": mean_std(self.accuracy[d, :, i]),
+                    "centered": mean_std(self.centered[d, :, i]),
+                    "per_seed": self.accuracy[d, :, i].tolist(),
+                }
+                for i, t in enumerate(self.tasks)
+            }
+            per_depth.append({"depth": depth, "core": mean_std(self.core[d]), "core_per_seed": self.core[d].tolist(),
+                              "tasks": tasks})  # fmt: skip
+        tasks = [{"name": t.name, "file": t.path.name, "kind": t.kind, "shots": s, "baseline": t.baseline,
+                  "examples": n} for t, s, n in zip(self.tasks, self.shots, self.examples, strict=True)]  # fmt: skip
+        return {"label": self.label, "seeds": self.seeds, "depths": self.depths, "tasks": tasks, "results": per_depth}
+
+    def format_table(self) -> str:
+        """Accuracy (%) per task and depth (mean over seeds), then the CORE row (centered × 100, ± std)."""
+        cols = "".join(f"{'T=' + str(d):>14}" for d in self.depths)
+        lines = [f"{'task':<33}{'kind':>7}{'shots':>6}{'n':>6}{'base%':>7}{cols}"]
+        for i, t in enumerate(self.tasks):
+            accs = "".join(f"{100 * self.accuracy[d, :, i].mean():>14.1f}" for d in range(len(self.depths)))
+            lines.append(f"{t.name:<33}{KIND_LABELS[t.kind]:>7}{self.shots[i]:>6}{self.examples[i]:>6}"
+                         f"{100 * t.baseline:>7.1f}{accs}")  # fmt: skip
+        several = len(self.seeds) > 1
+        cells = [f"{100 * c.mean():.2f}" + (f" ± {100 * c.std():.2f}" if several else "") for c in self.core]
+        label = f"{self.label} (centered ×100{', mean ± std over seeds' if several else ''})"
+        lines.append(f"{label:<59}" + "".join(f"{cell:>14}" for cell in cells))
+        return "\n".join(lines)
+
+
+def evaluate_core(
+    model: Parcae,
+    tokenizer: Tokenizer,
+    tasks: Sequence[Task],
+    depths: Sequence[int],
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    max_per_task: int | None = None,
+    fewshot: int | None = None,
+    batch_size: int = 32,
+    max_len: int | None = None,
+    predictions: TextIO | None = None,
+    progress: bool = False,
+) -> CoreResult:
+    """Accuracy of every task at every depth for every seed (few-shot draw and h₀).
+
+    `fewshot` overrides every task's shot count; `batch_size` counts rows (options), and the options of
+    an example are always scored together; `max_len` defaults to the model's context. One JSON line per
+    (example, depth, seed) goes to `predictions` when given.
+    """
+    depths = check_depths(depths)
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be non-negative integers, got {seeds!r}.")
+    if not tasks:
+        raise ValueError("no tasks to evaluate.")
+    if fewshot is not None and fewshot < 0:
+        raise ValueError(f"fewshot must be ≥ 0, got {fewshot}.")
+    max_len = max_len or model.config.max_seq_len
+    shots = [t.shots if fewshot is None else fewshot for t in tasks]
+    chosen = [subset(len(t.examples), max_per_task) for t in tasks]
+    accuracy = np.zeros((len(depths), len(seeds), len(tasks)))
+    from tqdm.auto import tqdm
+
+    total_rows = sum(len(t.examples[i].contexts) for t, idx in zip(tasks, chosen, strict=True) for i in idx)
+    bar = tqdm(total=total_rows * len(depths) * len(seeds), desc="CORE", unit="row", disable=not progress)
+    with bar:
+        for s, seed in enumerate(seeds):
+            owners: list[tuple[int, int]] = []  # (task, example index) of each group
+            groups: list[EncodedExample] = []
+            for t, task in enumerate(tasks):
+                groups += encode_examples(task, chosen[t], tokenizer, seed=seed, shots=shots[t], max_len=max_len)
+                owners += [(t, i) for i in chosen[t]]
+            for d, depth in enumerate(depths):
+                scores = score_groups(model, [g.rows for g in groups], batch_size=batch_size, num_steps=depth,
+                                      state_seed=seed, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size,
+                                      on_batch=bar.update)  # fmt: skip
+                for (t, i), group, row_scores in zip(owners, groups, scores, strict=True):
+                    task, example = tasks[t], tasks[t].examples[i]
+                    losses = [r.mean_nll for r in row_scores]
+                    if task.kind == LANGUAGE_MODELING:
+                        correct, pred = row_scores[0].greedy, None
+                    else:
+                        pred = int(np.argmin(losses))  # ties go to the first option
+                        correct = pred == example.gold
+                    accuracy[d, s, t] += correct
+                    if predictions is not None:
+                        record = {"task": task.name, "line": example.line, "depth": depth, "seed": seed,
+                                  "correct": bool(correct), "mean_nll": [round(x, 6) for x in losses],
+                                  "fewshot_lines": [task.examples[j].line for j in group.fewshot],
+                                  "truncated": group.truncated}  # fmt: skip
+                        if pred is not None:
+                            record.update(gold=example.gold, pred=pred)
+                        predictions.write(json.dumps(record) + "\n")
+    counts = np.array([len(idx) for idx in chosen], dtype=float)
+    return CoreResult(tasks=list(tasks), shots=shots, examples=[len(idx) for idx in chosen], depths=depths,
+                      seeds=seeds, accuracy=accuracy / counts)  # fmt: skip

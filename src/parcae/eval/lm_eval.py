@@ -1,0 +1,257 @@
+"""An lm-evaluation-harness model, `parcae`, scoring and generating at a fixed test-time depth.
+
+Registration. lm-eval (0.4.x) fills its model registry by imports and reads no plugin entry points, so
+importing this module registers `parcae`. Two documented ways to use it:
+
+    python -m parcae.eval.lm_eval --model parcae --model_args path=runs/tiny,num_steps=8 --tasks lambada_openai
+        (exactly `lm_eval`'s command line; this module registers the model, then runs lm-eval's CLI)
+
+    import lm_eval, parcae.eval.lm_eval
+    lm_eval.simple_evaluate(model="parcae", model_args="path=runs/tiny,num_steps=8", tasks=["lambada_openai"])
+
+model_args: `path` (a run or save_pretrained directory), `num_steps` (the depth T, default μ_rec; always
+fixed, never sampled), `state_seed` (h₀, default 0), `checkpoint`, `max_length` (default the model's
+context), `max_gen_toks` (default 256); `--batch_size N` and `--device` are the harness's own flags.
+
+Behaviour. Every sequence starts with `<|bos|>` (how Parcae documents start in training); an empty
+context is the BOS alone. `loglikelihood` and `loglikelihood_rolling` are batched through
+`parcae.eval.scoring` (sorted by length, right-padded, loss masked); rolling windows are lm-eval's own
+disjoint windows of `max_length` tokens. `generate_until` is batched greedy decoding with
+`parcae.infer.generate` (KV cache, left-padded prompts truncated to `max_length − max_gen_toks`); a row
+stops at a stop string, at a special token (a document boundary) or after `max_gen_toks` tokens.
+Sampling is refused: the harness's scores should be reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import normalize_gen_kwargs
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as err:  # an optional dependency
+    raise ImportError("the lm-eval adapter needs lm-eval: pip install 'parcae-looped[lm-eval]'.") from err
+from tqdm.auto import tqdm
+
+from ..data.tokenizer import Tokenizer
+from ..model.parcae import Parcae
+from .scoring import Row, evaluating, make_row, model_device, score_groups
+
+DEFAULT_BATCH_SIZE = 16
+logger = logging.getLogger(__name__)
+
+
+class ParcaeLM(TemplateLM):
+    """lm-eval's `LM` interface over a Parcae model and its tokenizer (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        model: Parcae | None = None,
+        tokenizer: Tokenizer | None = None,
+        num_steps: int | None = None,
+        state_seed: int = 0,
+        checkpoint: str | None = None,
+        batch_size: int | str | None = DEFAULT_BATCH_SIZE,
+        max_batch_size: int | None = None,  # lm-eval's "auto" batch search limit; batches here are fixed
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        device: str | None = None,
+    ) -> None:
+        super().__init__()
+        if (path is None) == (model is None) or (model is not None and tokenizer is None):
+            raise ValueError("ParcaeLM needs either path=RUN or both model= and tokenizer=.")
+        if path is not None:
+            from ..run import open_run
+            from ..train.trainer import resolve_device
+
+            if device and device.startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's command line asks for cuda:0 unless told otherwise; fall back, as its own models do.
+                logger.warning("CUDA is not available; the parcae model runs on the CPU.")
+                device = "cpu"
+            run = open_run(path, checkpoint=checkpoint, device=resolve_device(device or "auto"))
+            model, tokenizer = run.model, run.tokenizer
+        assert model is not None and tokenizer is not None
+        self.model, self.tok = model.eval(), tokenizer
+        cfg = model.config
+        self.num_steps = cfg.mean_recurrence if num_steps is None else num_steps
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
+        self.state_seed = int(state_seed)
+        self._batch_size = _batch_size(batch_size)
+        self._max_length = cfg.max_seq_len if max_length is None else int(max_length)
+        if not 2 <= self._max_length <= cfg.max_seq_len:
+            raise ValueError(f"max_length must lie in [2, {cfg.max_seq_len}] (the model's context), got {max_length}.")
+        self.max_gen_toks = int(max_gen_toks)
+        self._device = model_device(model)
+
+    # ------------------------------------------------------------------ what lm-eval asks of a model
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.bos_id  # documents are delimited by BOS in Parcae's data
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tok.bos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """Token ids of `string`, with a leading BOS unless `add_special_tokens` is False."""
+        ids = self.tok.encode(string)
+        return ids if add_special_tokens is False else [self.tok.bos_id, *ids]
+
+    def tok_decode(self, tokens: Sequence[int], **kwargs: Any) -> str:
+        return self.tok.decode(tokens)
+
+    def get_model_info(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {"model": cfg.name, "num_steps": self.num_steps if cfg.is_looped else None,
+                "state_seed": self.state_seed}  # fmt: skip
+
+    # ------------------------------------------------------------------ scoring
+    def _score(self, rows: Sequence[Row | None], desc: str, disable_tqdm: bool) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) per row, batched; a None row (nothing to score) gives (0.0, True)."""
+        present = [i for i, row in enumerate(rows) if row is not None]
+        out = [(0.0, True)] * len(rows)
+        with tqdm(total=len(present), desc=desc, disable=disable_tqdm) as bar:
+            scores = score_groups(self.model, [[rows[i]] for i in present], batch_size=self.batch_size,
+                                  num_steps=self.num_steps, state_seed=self.state_seed, pad_id=self.tok.pad_id,
+                                  vocab_limit=self.tok.vocab_size, on_batch=bar.update)  # fmt: skip
+        for i, (score,) in zip(present, scores, strict=True):
+            out[i] = (-score.nll, score.greedy)
+        return out
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
+        rows = [make_row(context, continuation, self.max_length)[0] if continuation else None
+                for _, context, continuation in requests]  # fmt: skip
+        results = self._score(rows, "parcae loglikelihood", disable_tqdm)
+        for (pair, _, _), result in zip(requests, results, strict=True):
+            if pair is not None:
+                self.cache_hook.add_partial("loglikelihood", pair, result)
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        owners, rows = [], []
+        for r, (string,) in enumerate(req.args for req in requests):
+            windows = get_rolling_token_windows(self.tok_encode(string, add_special_tokens=False),
+                                                self.prefix_token_id, self.max_length, 1)  # fmt: skip
+            for context, continuation in map(make_disjoint_window, windows):
+                rows.append(make_row(context, continuation, self.max_length)[0])
+                owners.append(r)
+        totals = [0.0] * len(requests)
+        for r, (logprob, _) in zip(owners, self._score(rows, "parcae rolling", disable_tqdm), strict=True):
+            totals[r] += logprob
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        jobs = []
+        for context, gen_kwargs in (req.args for req in requests):
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs or {}), self.max_gen_toks)
+            if kwargs.get("do_sample"):
+                raise ValueError("the parcae model only decodes greedily (do_sample=True was requested).")
+            budget = int(kwargs["max_gen_toks"])
+            if budget < 1:
+                raise ValueError(f"max_gen_toks must be a positive integer, got {budget}.")
+            if budget >= self.max_length:  # e.g. lm-eval's default 256 with a 256-token model: keep one context token
+                logger.warning("max_gen_toks %d does not fit the %d-token context; using %d.", budget,
+                               self.max_length, self.max_length - 1)  # fmt: skip
+                budget = self.max_length - 1
+            ids = self.tok_encode(context)[-(self.max_length - budget) :]
+            jobs.append((ids, budget, [s for s in kwargs["until"] if s]))
+        outputs = [""] * len(jobs)
+        # Rows of a batch share one budget, so left-padded prompt + budget always fits the context.
+        order = sorted(range(len(jobs)), key=lambda j: (jobs[j][1], -len(jobs[j][0])))
+        batches: list[list[int]] = []
+        for j in order:
+            if batches and len(batches[-1]) < self.batch_size and jobs[batches[-1][0]][1] == jobs[j][1]:
+                batches[-1].append(j)
+            else:
+                batches.append([j])
+        with tqdm(total=len(jobs), desc="parcae generate_until", disable=disable_tqdm) as bar:
+            for batch in batches:
+                for j, text in zip(batch, self._greedy([jobs[j] for j in batch]), strict=True):
+                    outputs[j] = text
+                    self.cache_hook.add_partial("generate_until", requests[j].args, text)
+                bar.update(len(batch))
+        return outputs
+
+    def _greedy(self, jobs: list[tuple[list[int], int, list[str]]]) -> list[str]:
+        """Greedy continuations of a batch of (context ids, max new tokens, stop strings), one budget for all:
+        `parcae.infer.generate` (KV cache, left padding), stopped once every row has met a stop string."""
+        from ..infer.generate import generate
+
+        specials = [self.tok.bos_id, self.tok.eos_id, self.tok.pad_id]
+        new: list[list[int]] = [[] for _ in jobs]
+        texts = [""] * len(jobs)
+        done = [False] * len(jobs)
+        with evaluating(self.model):
+            stream = generate(self.model, [ids for ids, _, _ in jobs], jobs[0][1], num_steps=self.num_steps,
+                              temperature=0.0, stop=specials, vocab_limit=self.tok.vocab_size, pad_id=self.tok.pad_id,
+                              state_seed=self.state_seed, stream=True)  # fmt: skip
+            for step in stream:
+                for i, token in enumerate(step.tokens.tolist()):
+                    if done[i]:
+                        continue
+                    if token in specials:  # a document boundary ends the answer
+                        done[i] = True
+                        continue
+                    new[i].append(token)
+                    texts[i] = self.tok.decode(new[i])
+                    done[i] = any(s in texts[i] for s in jobs[i][2])
+                if all(done):
+                    break
+        return [_cut(text, stops) for text, (_, _, stops) in zip(texts, jobs, strict=True)]
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    positions = [text.find(s) for s in stops if s in text]
+    return text[: min(positions)] if positions else text
+
+
+def _batch_size(value: int | str | None) -> int:
+    if value is None or (isinstance(value, str) and value.startswith("auto")):
+        return DEFAULT_BATCH_SIZE  # no automatic batch-size search: batches are small and sorted by length
+    size = int(value)
+    if size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {value!r}.")
+    return size
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m parcae.eval.lm_eval ARGS`: lm-eval's command line with the `parcae` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    # Run as a script, this file is `__main__`; the model is registered by the package module instead,
+    # so that `parcae` names one class only.
+    from parcae.eval.lm_eval import main as _main
+
+    _main()
+else:
+    register_model("parcae")(ParcaeLM)

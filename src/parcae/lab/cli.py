@@ -1,0 +1,102 @@
+"""`parcae lab stability`: train an injection × learning-rate grid and report which runs diverge, and why."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli_types import EPILOG_DATA, int_list, positive_float, positive_int
+
+_DEFAULTS = "defaults: 3 injections × LR 3e-3,1e-2,3e-2 × 200 steps + 3 ablation runs at 1e-2 (≈ 40–50 min, 2 cores)"
+
+
+def register_lab(lab: argparse._SubParsersAction) -> None:
+    stability = lab.add_parser(
+        "stability",
+        help="injection × LR grid: converged/diverged, ρ(Ā), ‖h_T‖, Jacobian spectral radius, ablations",
+        description="Train a grid of looped models that differ only in injection and learning rate (plus the\n"
+        "Parcae ablations), classify each run converged/diverged and report ρ(Ā), ‖h_T‖ and the spectral radius\n"
+        "of the loop map's Jacobian. Example:\n"
+        "  parcae lab stability --preset parcae-tiny --data stdlib --out labs/stability\n"
+        "  parcae lab stability --preset parcae-tiny --data stdlib --quick --out labs/quick\n" + _DEFAULTS,
+        epilog=EPILOG_DATA,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    stability.add_argument("--preset", default="parcae-tiny", help="model preset (default parcae-tiny)")
+    stability.add_argument("--data", default="stdlib", help="data spec, tokenized once for all runs (default stdlib)")
+    stability.add_argument("--out", required=True, metavar="DIR", help="lab directory (rerun to continue it)")
+    stability.add_argument("--injections", type=_names, help="comma-separated (default diagonal,add,linear)")
+    stability.add_argument("--lrs", type=_floats, help="comma-separated learning rates (default 3e-3,1e-2,3e-2)")
+    stability.add_argument("--recurrences", type=int_list, help="comma-separated μ_rec values (default: the preset's)")
+    stability.add_argument("--seeds", type=positive_int, help="seeds per grid point (default 1)")
+    stability.add_argument("--quick", action="store_true",
+                           help="LR 3e-3,3e-2, 60 steps, no ablations, final Jacobian only (≈ 6–8 min)")  # fmt: skip
+    stability.add_argument("--steps", type=positive_int, help="optimizer steps per run (default 200; --quick 60)")
+    stability.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 20; --quick 10)")
+    stability.add_argument("--batch-size", type=positive_int, help="sequences per step (default 16)")
+    stability.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default 128)")
+    stability.add_argument("--prelude-norm", choices=("paper", "on", "off"),
+                           help="paper (default): on for diagonal injections, off for add/linear")  # fmt: skip
+    stability.add_argument("--ablations", type=_ablations,
+                           help="among depth-sampling,prelude-norm,zoh, or 'none' (default all three)")  # fmt: skip
+    stability.add_argument("--ablation-lr", type=positive_float, help="learning rate of the ablations (default 1e-2)")
+    stability.add_argument("--jacobian-every", type=int, help="steps between Jacobian probes; 0 = final model only")
+    stability.add_argument("--max-state-rms", type=positive_float,
+                           help="state-norm blow-up threshold on ‖h_T‖/√d_state (default 256)")  # fmt: skip
+    stability.add_argument("--state-growth", type=positive_float,
+                           help="state-growth threshold on ‖h_2μ‖/‖h_μ‖ at the end (default 2.5)")  # fmt: skip
+    stability.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a model field for every run (e.g. d_model=64)")  # fmt: skip
+    stability.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    stability.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
+    stability.set_defaults(handler=cmd_stability)
+
+
+def cmd_stability(args: argparse.Namespace) -> int:
+    from ..train.config import parse_overrides
+    from .stability import QUICK, LabConfig, Thresholds, plan_runs, run_lab
+
+    fields: dict = dict(QUICK) if args.quick else {}
+    options = {
+        "preset": args.preset, "data": args.data, "injections": args.injections, "lrs": args.lrs,
+        "recurrences": args.recurrences, "seeds": args.seeds, "steps": args.steps, "warmup_steps": args.warmup_steps,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "prelude_norm": args.prelude_norm,
+        "ablations": args.ablations, "ablation_lr": args.ablation_lr, "jacobian_every": args.jacobian_every,
+        "device": args.device,
+    }  # fmt: skip
+    fields.update({k: v for k, v in options.items() if v is not None})
+    model_overrides, train_overrides = parse_overrides(args.set)
+    if train_overrides:
+        raise ValueError(f"--set takes model fields only; the lab sets {', '.join(sorted(train_overrides))} itself.")
+    fields["model_overrides"] = model_overrides
+    thresholds = {"max_state_rms": args.max_state_rms, "state_growth": args.state_growth}
+    fields["thresholds"] = Thresholds(**{k: v for k, v in thresholds.items() if v is not None})
+    lab = LabConfig(**fields)
+    if args.dry_run:
+        specs = plan_runs(lab)
+        for spec in specs:
+            print(f"{spec.name:<40} {', '.join(spec.groups)}")
+        print(f"{len(specs)} runs × {lab.steps} steps = {len(specs) * lab.steps:,} optimizer steps")
+        return 0
+    run_lab(lab, args.out)
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+def _ablations(text: str) -> list[str]:
+    return [] if text.strip() == "none" else _names(text)

@@ -1,0 +1,340 @@
+"""`parcae lab reasoning`: does looping turn extra iterations into extra sequential reasoning?
+
+Trains three models on the same synthetic examples in the same order — Parcae (`parcae-tiny` shape), a
+fixed-depth Transformer with the same parameters, and a deeper Transformer with about the same training
+FLOPs per token — then measures exact-match accuracy per difficulty, inside and beyond the training range,
+and for Parcae per test-time depth T = 1 … 3·μ_rec.
+
+Training uses the answer tokens only as targets (the prompts are random instances, so predicting them
+teaches nothing); rows are right-padded to the longest training example. Exact match is scored with
+teacher forcing: the example is correct iff the argmax at every answer position is the answer token,
+which is exactly greedy decoding's result, computed in one batched forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..cli_types import positive_float, positive_int
+from ..config import ParcaeConfig, get_preset
+from ..data.tokenizer import ByteTokenizer
+from ..infer.exit import ExitCriterion
+from ..model.parcae import IGNORE_INDEX, Parcae
+from ..train.optim import OptimizerSettings, build_optimizer
+from ..train.schedule import lr_multiplier
+from .tasks import Example, get_task, make_splits, parse_difficulties
+
+
+@dataclass
+class EncodedSet:
+    """Examples as right-padded rows: inputs [N, L], labels [N, L] (answer positions only), difficulties [N]."""
+
+    inputs: Tensor
+    labels: Tensor
+    difficulty: Tensor
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+def encode(examples: Sequence[Example], tokenizer: ByteTokenizer, length: int | None = None) -> EncodedSet:
+    rows, answer_starts = [], []
+    for ex in examples:
+        prompt = [tokenizer.bos_id, *tokenizer.encode(ex.prompt)]
+        rows.append(prompt + tokenizer.encode(ex.answer))
+        answer_starts.append(len(prompt))
+    width = max(len(r) for r in rows) if length is None else length
+    if any(len(r) > width for r in rows):
+        raise ValueError(f"an example needs {max(len(r) for r in rows)} tokens, more than the {width} available.")
+    ids = torch.full((len(rows), width + 1), tokenizer.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows, answer_starts, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, start - 1 : len(row) - 1] = torch.tensor(row[start:])  # predict each answer token
+    difficulty = torch.tensor([ex.difficulty for ex in examples])
+    return EncodedSet(ids[:, :width], labels, difficulty)
+
+
+@dataclass
+class Contestant:
+    name: str
+    config: ParcaeConfig
+    model: Parcae = field(init=False)
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def fixed_depth_configs(looped: ParcaeConfig) -> tuple[ParcaeConfig, ParcaeConfig]:
+    """(parameter-matched, FLOP-matched) Transformers built from the looped model's blocks.
+
+    Parameter match: the same number of distinct layers (untied head pays for Parcae's B, C; see `gpt-tiny`).
+    FLOP match: as many layers as the looped model runs per token in training, n_pre + n_coda + n_core·E[T],
+    so forward work per token is equal (backward differs: Parcae truncates it to μ_bwd steps).
+    """
+    base = dict(n_core=0, n_coda=0, tie_embeddings=False, name="gpt-params")
+    params = looped.replace(n_prelude=looped.n_layers, **base)
+    expected_depth = looped.mean_recurrence + math.exp(-looped.mean_recurrence)  # E[max(1, Poisson(μ))]
+    layers = round(looped.n_prelude + looped.n_coda + looped.n_core * expected_depth)
+    flops = looped.replace(n_prelude=layers, **{**base, "name": "gpt-flops"})
+    return params, flops
+
+
+def train_model(
+    contestant: Contestant, data: EncodedSet, steps: int, batch_size: int, lr: float, seed: int, echo
+) -> None:
+    torch.manual_seed(seed)
+    model = contestant.model = Parcae(contestant.config)
+    optimizer = build_optimizer(model, OptimizerSettings(kind="adamw", lr=lr, adam_betas=(0.9, 0.95)))
+    generator = torch.Generator().manual_seed(seed)  # the same batches for every contestant
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_multiplier(step / steps, "trapezoid", 0.05, 0.3)
+        rows = torch.randint(0, len(data), (batch_size,), generator=generator)
+        out = model(data.inputs[rows], labels=data.labels[rows], step=step, return_logits=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        contestant.losses.append(out.loss.item())
+        if (step + 1) % max(1, steps // 10) == 0:
+            echo(f"  {contestant.name}: step {step + 1}/{steps}, loss {sum(contestant.losses[-20:]) / 20:.4f}")
+    contestant.seconds = time.perf_counter() - start
+
+
+@torch.no_grad()
+def exact_match(model: Parcae, data: EncodedSet, depth: int | None, batch_size: int = 256) -> Tensor:
+    """Per-example correctness [N] (bool) at test-time depth `depth` (ignored by a fixed-depth model)."""
+    model.eval()
+    correct = []
+    for start in range(0, len(data), batch_size):
+        inputs, labels = data.inputs[start : start + batch_size], data.labels[start : start + batch_size]
+        steps = depth if model.config.is_looped else None
+        predictions = model(inputs, num_steps=steps).logits.argmax(-1)
+        answer = labels != IGNORE_INDEX
+        correct.append(((predictions == labels) | ~answer).all(dim=1))
+    return torch.cat(correct)
+
+
+@torch.no_grad()
+def exact_match_with_exit(
+    model: Parcae, data: EncodedSet, criterion: ExitCriterion, max_steps: int, batch_size: int = 256
+) -> tuple[Tensor, Tensor]:
+    """(correct [N], mean core iterations over each example's answer positions [N]) with adaptive exit.
+
+    One cached forward per batch over prompt + answer (teacher forcing): every token stops iterating on its own
+    when the criterion holds (at most `max_steps`); right padding comes after the answer, so it cannot affect it.
+    """
+    model.eval()
+    correct, iterations = [], []
+    for start in range(0, len(data), batch_size):
+        inputs, labels = data.inputs[start : start + batch_size], data.labels[start : start + batch_size]
+        cache = model.new_cache(inputs.shape[0], inputs.shape[1], max_steps=max_steps)
+        out = model.forward_cached(inputs, cache, num_steps=max_steps, exit=criterion)
+        answer = labels != IGNORE_INDEX
+        correct.append(((out.logits.argmax(-1) == labels) | ~answer).all(dim=1))
+        iterations.append((out.iterations * answer).sum(1) / answer.sum(1))
+    return torch.cat(correct), torch.cat(iterations).float()
+
+
+def accuracy_table(correct: Tensor, difficulty: Tensor, difficulties: Sequence[int]) -> dict[int, float]:
+    return {d: float(correct[difficulty == d].float().mean()) for d in difficulties if bool((difficulty == d).any())}
+
+
+def run_reasoning_lab(
+    task_name: str,
+    train_difficulties: list[int],
+    test_difficulties: list[int],
+    out: Path,
+    *,
+    steps: int | None = None,
+    minutes: float | None = None,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    train_per_difficulty: int = 20_000,
+    test_per_difficulty: int = 200,
+    preset: str = "parcae-tiny",
+    exit: str = "latent:0.01",
+    seed: int = 0,
+    echo=print,
+) -> dict[str, Any]:
+    task = get_task(task_name)
+    tokenizer = ByteTokenizer()
+    train_examples, test_examples = make_splits(
+        task, train_difficulties, test_difficulties, train_per_difficulty, test_per_difficulty, seed
+    )
+    train_set = encode(train_examples, tokenizer)
+    test_set = encode(test_examples, tokenizer, length=None)
+    context = max(train_set.inputs.shape[1], test_set.inputs.shape[1])
+    looped = get_preset(preset, max_seq_len=max(context, 16))
+    if context > get_preset(preset).max_seq_len:
+        raise ValueError(f"difficulty {max(test_difficulties)} needs {context} tokens, beyond the model's context.")
+    params_cfg, flops_cfg = fixed_depth_configs(looped)
+    contestants = [
+        Contestant("parcae", looped),
+        Contestant("gpt-params", params_cfg),
+        Contestant("gpt-flops", flops_cfg),
+    ]
+    if steps is None:
+        steps = _calibrate_steps(contestants, train_set, batch_size, minutes or 10.0)
+    echo(f"task {task.name}: {len(train_set)} train / {len(test_set)} test examples, {steps} steps × {batch_size}")
+    for contestant in contestants:
+        train_model(contestant, train_set, steps, batch_size, lr, seed, echo)
+    depths = list(range(1, 3 * looped.mean_recurrence + 1))
+    results: dict[str, Any] = {
+        "task": task.name, "train_difficulties": train_difficulties, "test_difficulties": test_difficulties,
+        "steps": steps, "batch_size": batch_size, "models": {},
+    }  # fmt: skip
+    for contestant in contestants:
+        model = contestant.model
+        entry: dict[str, Any] = {
+            "params": model.num_parameters(), "train_seconds": round(contestant.seconds, 1),
+            "final_train_loss": sum(contestant.losses[-20:]) / min(20, len(contestant.losses)),
+        }  # fmt: skip
+        if model.config.is_looped:
+            entry["accuracy_by_depth"] = {
+                str(t): accuracy_table(exact_match(model, test_set, t), test_set.difficulty, test_difficulties)
+                for t in depths
+            }
+            criterion = ExitCriterion.parse(exit)
+            correct, used = exact_match_with_exit(model, test_set, criterion, max(depths))
+            entry["adaptive_exit"] = {
+                "criterion": exit,
+                "max_steps": max(depths),
+                "accuracy": accuracy_table(correct, test_set.difficulty, test_difficulties),
+                "iterations": {d: float(used[test_set.difficulty == d].mean()) for d in test_difficulties
+                               if bool((test_set.difficulty == d).any())},
+            }  # fmt: skip
+        else:
+            entry["accuracy"] = accuracy_table(
+                exact_match(model, test_set, None), test_set.difficulty, test_difficulties
+            )
+        results["models"][contestant.name] = entry
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    echo(format_report(results, looped.mean_recurrence))
+    plot_reasoning(results, looped.mean_recurrence, out)
+    return results
+
+
+def _calibrate_steps(contestants: list[Contestant], data: EncodedSet, batch_size: int, minutes: float) -> int:
+    """Steps that fit `minutes` for all contestants together, from 3 timed steps of each."""
+    per_step = 0.0
+    for contestant in contestants:
+        probe = Contestant(contestant.name, contestant.config)
+        train_model(probe, data, 3, batch_size, 1e-3, 0, lambda _: None)
+        per_step += probe.seconds / 3
+    return max(10, int(minutes * 60 / per_step))
+
+
+def format_report(results: dict[str, Any], mean: int) -> str:
+    models, lines = results["models"], []
+    difficulties = results["test_difficulties"]
+    trained = set(results["train_difficulties"])
+    header = f"{'difficulty':<22} " + " ".join(f"{d:>5}{'*' if d not in trained else ' '}" for d in difficulties)
+    lines += [f"exact match (* = beyond training range), {results['steps']} steps", header]
+    parcae = models["parcae"]["accuracy_by_depth"]
+    rows = [(f"parcae T={t}", parcae[str(t)]) for t in (1, mean // 2, mean, 2 * mean, 3 * mean) if str(t) in parcae]
+    exit_result = models["parcae"].get("adaptive_exit")
+    if exit_result:
+        rows.append((f"parcae {exit_result['criterion']}", exit_result["accuracy"]))
+    rows += [(name, models[name]["accuracy"]) for name in models if "accuracy" in models[name]]
+    for label, acc in rows:
+        lines.append(f"{label:<22} " + " ".join(f"{100 * acc.get(d, float('nan')):5.1f} " for d in difficulties))
+    if exit_result:
+        used = exit_result["iterations"]
+        lines.append(f"{'iterations used (exit)':<22} " + " ".join(f"{used.get(d, float('nan')):5.2f} "
+                                                                  for d in difficulties))  # fmt: skip
+    lines.append("params / train seconds: " + ", ".join(
+        f"{n} {m['params']:,} / {m['train_seconds']} s" for n, m in models.items()))  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_reasoning(results: dict[str, Any], mean: int, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    difficulties = results["test_difficulties"]
+    by_depth = results["models"]["parcae"]["accuracy_by_depth"]
+    depths = sorted(int(t) for t in by_depth)
+    grid = [[by_depth[str(t)].get(d, float("nan")) for d in difficulties] for t in depths]
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(difficulties)), difficulties)
+    ax.set_yticks(range(len(depths)), depths)
+    ax.set_xlabel("difficulty")
+    ax.set_ylabel("test-time depth T")
+    ax.set_title(f"{results['task']}: Parcae exact match (μ_rec = {mean})")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "parcae_heatmap.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for t in (1, mean, 3 * mean):
+        ax.plot(difficulties, [by_depth[str(t)].get(d, float("nan")) for d in difficulties], marker="o",
+                label=f"parcae T={t}")  # fmt: skip
+    for name, model in results["models"].items():
+        if "accuracy" in model:
+            ax.plot(difficulties, [model["accuracy"].get(d, float("nan")) for d in difficulties], marker="s",
+                    linestyle="--", label=name)  # fmt: skip
+    ax.axvspan(min(results["train_difficulties"]) - 0.5, max(results["train_difficulties"]) + 0.5, alpha=0.1)
+    ax.set_xlabel("difficulty (shaded: training range)")
+    ax.set_ylabel("exact match")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_by_difficulty.png")
+    plt.close(fig)
+
+
+def register_lab(lab: argparse._SubParsersAction) -> None:
+    parser = lab.add_parser(
+        "reasoning",
+        help="Parcae vs fixed-depth Transformers on synthetic multi-step tasks",
+        description="Train Parcae and fixed-depth Transformers (equal parameters, equal FLOPs) on the same\n"
+        "synthetic examples; report exact match per difficulty and test-time depth.\n"
+        "  parcae lab reasoning --task chain --train-difficulty 1-6 --test-difficulty 1-12 --minutes 25 --out runs/r",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--task", required=True, help="chain | addition | parity | pointer")
+    parser.add_argument("--train-difficulty", required=True, help="e.g. 1-6")
+    parser.add_argument("--test-difficulty", required=True, help="e.g. 1-12")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=positive_float, help="training time for all three models together")
+    budget.add_argument("--steps", type=positive_int, help="training steps per model")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--test-per-difficulty", type=positive_int, default=200)
+    parser.add_argument("--preset", default="parcae-tiny")
+    parser.add_argument("--exit", default="latent:0.01", help="adaptive-exit criterion (default latent:0.01)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.set_defaults(handler=_cmd_reasoning)
+
+
+def _cmd_reasoning(args: argparse.Namespace) -> int:
+    task = get_task(args.task)
+    ExitCriterion.parse(args.exit)  # a bad spec fails before any training
+    out = Path(args.out)
+    if (out / "results.json").exists():
+        raise ValueError(f"{out} already holds reasoning results; choose another --out.")
+    run_reasoning_lab(
+        task.name, parse_difficulties(args.train_difficulty, task), parse_difficulties(args.test_difficulty, task),
+        out, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+        test_per_difficulty=args.test_per_difficulty, preset=args.preset, exit=args.exit, seed=args.seed,
+    )  # fmt: skip
+    return 0

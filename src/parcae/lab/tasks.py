@@ -1,0 +1,145 @@
+"""Synthetic multi-step reasoning tasks with a difficulty knob, rendered as plain text.
+
+Each task turns (difficulty, rng) into an `Example(prompt, answer)`; a model reads the prompt and must
+produce the answer (scored by exact match). Difficulty is the number of sequential steps the answer
+needs, so a model whose depth is fixed can only solve a bounded difficulty in one forward pass, while a
+looped model can spend more iterations. All tasks use a tiny alphabet so the byte tokenizer (or any
+other) reads them directly.
+
+| task       | prompt (difficulty d)                          | answer                                   |
+|------------|------------------------------------------------|------------------------------------------|
+| `chain`    | `a=7;b=a+3;c=b*2;?c=` (d assignments after a)   | the last variable's value, mod 10        |
+| `addition` | `4821+937=` (two d-digit numbers)              | their sum                                |
+| `parity`   | `1011001?` (2d + 2 bits)                       | the parity of the bits (0 or 1)          |
+| `pointer`  | `3>7,0>5,7>2,…;3@2=` (10 nodes, shuffled edges) | the node d hops from the start           |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import string
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+ANSWER_END = "\n"  # every answer ends with a newline, so exact match also checks where it stops
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str  # including ANSWER_END
+    difficulty: int
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.answer
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    make: Callable[[int, random.Random], tuple[str, str]]  # (prompt, answer without ANSWER_END)
+    max_difficulty: int
+    description: str
+
+    def example(self, difficulty: int, rng: random.Random) -> Example:
+        if not 1 <= difficulty <= self.max_difficulty:
+            raise ValueError(f"task {self.name!r} takes difficulties 1–{self.max_difficulty}, got {difficulty}.")
+        prompt, answer = self.make(difficulty, rng)
+        return Example(prompt, answer + ANSWER_END, difficulty)
+
+
+def _chain(difficulty: int, rng: random.Random) -> tuple[str, str]:
+    names = string.ascii_lowercase
+    value = rng.randrange(10)
+    parts = [f"a={value}"]
+    for i in range(1, difficulty + 1):
+        op, const = rng.choice("+-*"), rng.randrange(1, 10)
+        value = {"+": value + const, "-": value - const, "*": value * const}[op] % 10
+        parts.append(f"{names[i]}={names[i - 1]}{op}{const}")
+    return ";".join(parts) + f";?{names[difficulty]}=", str(value)
+
+
+def _addition(difficulty: int, rng: random.Random) -> tuple[str, str]:
+    low = 10 ** (difficulty - 1) if difficulty > 1 else 0
+    a, b = rng.randrange(low, 10**difficulty), rng.randrange(low, 10**difficulty)
+    return f"{a}+{b}=", str(a + b)
+
+
+def _parity(difficulty: int, rng: random.Random) -> tuple[str, str]:
+    bits = [rng.randrange(2) for _ in range(2 * difficulty + 2)]
+    return "".join(map(str, bits)) + "?", str(sum(bits) % 2)
+
+
+def _pointer(difficulty: int, rng: random.Random) -> tuple[str, str]:
+    nodes = list(range(10))
+    targets = nodes[:]
+    rng.shuffle(targets)  # a random function node → node, listed in shuffled order
+    edges = [f"{n}>{targets[n]}" for n in nodes]
+    rng.shuffle(edges)
+    start = rng.randrange(10)
+    node = start
+    for _ in range(difficulty):
+        node = targets[node]
+    return ",".join(edges) + f";{start}@{difficulty}=", str(node)
+
+
+TASKS: dict[str, Task] = {
+    "chain": Task("chain", _chain, 25, "k-hop variable chain, arithmetic mod 10"),
+    "addition": Task("addition", _addition, 12, "sum of two d-digit numbers"),
+    "parity": Task("parity", _parity, 30, "parity of 2d + 2 bits"),
+    "pointer": Task("pointer", _pointer, 30, "follow d pointers in a shuffled 10-node function graph"),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}.")
+    return TASKS[name]
+
+
+def parse_difficulties(text: str, task: Task) -> list[int]:
+    """'1-6' or '1,2,8' → sorted difficulties, each within the task's range."""
+    values: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, sep, high = part.strip().partition("-")
+            first, last = int(low), int(high) if sep else int(low)
+            if last < first:
+                raise ValueError(f"difficulty range {part.strip()!r} is inverted.")
+            values.update(range(first, last + 1))
+    except ValueError as err:
+        if "inverted" in str(err):
+            raise
+        raise ValueError(f"difficulties must look like '1-6' or '1,2,8', got {text!r}.") from None
+    if not values:
+        raise ValueError(f"no difficulties in {text!r}.")
+    bad = [d for d in values if not 1 <= d <= task.max_difficulty]
+    if bad:
+        raise ValueError(f"task {task.name!r} takes difficulties 1–{task.max_difficulty}, got {min(bad)}.")
+    return sorted(values)
+
+
+def _stream_rng(seed: int, split: str, difficulty: int) -> random.Random:
+    digest = hashlib.blake2b(f"{seed}/{split}/{difficulty}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def generate(task: Task, difficulty: int, count: int, seed: int, split: str) -> Iterator[Example]:
+    """`count` examples of one difficulty from the split's own deterministic stream."""
+    rng = _stream_rng(seed, split, difficulty)
+    for _ in range(count):
+        yield task.example(difficulty, rng)
+
+
+def make_splits(
+    task: Task, train: list[int], test: list[int], train_per_difficulty: int, test_per_difficulty: int, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Train and test examples; a test example whose prompt also occurs in train is dropped (never shared)."""
+    train_examples = [ex for d in train for ex in generate(task, d, train_per_difficulty, seed, "train")]
+    seen = {ex.prompt for ex in train_examples}
+    test_examples = []
+    for d in test:
+        test_examples.extend(ex for ex in generate(task, d, test_per_difficulty, seed, "test") if ex.prompt not in seen)
+    return train_examples, test_examples

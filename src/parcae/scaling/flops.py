@@ -1,0 +1,257 @@
+"""Training FLOPs per token: what a run of our implementation computes, and the official formula.
+
+Convention (paper App. D, after McLeish et al.): C/D = 2·N̂₁ + 6·N̂₂ + attention, where N̂₁ are the matmul
+parameters run *without* gradient per token and N̂₂ those run *with* gradient, each counted once per time it
+runs (a core looped k times contributes k × its parameters). Counted here, per token, for what our code
+executes:
+
+- matmul weights only: embedding and value-embedding lookups, norms, RoPE, the decay multiply Ā⊙h and the
+  residual adds cost no matmul FLOPs;
+- the LM head matmul counts even when it is tied to the embedding (the matmul runs either way);
+- prelude, coda, readout C and head run once with gradient (6×);
+- the injection's loop-invariant part (B of `diagonal`/`diagonal-zoh`, the input block W_e of `linear`) is
+  computed **once per forward** by `Injection.prepare`, with gradient (6×); only the state block W_h of
+  `linear` runs every iteration;
+- the core runs E[n] iterations without gradient (2×) and E[k] with gradient (6×), where n and k come from
+  the configured depth sampler: T = max(1, Poisson(μ_rec)), k = min(T, μ_bwd), n = T − k, so E[n], E[k] are
+  computed exactly from that distribution, not taken as μ_rec − μ_bwd and μ_bwd. The compacted loop executes
+  exactly the sampled iterations (per-token depths: every token of a row runs the row's largest depth);
+- attention (PaLM / nanochat convention, as the paper): QKᵀ and AV cost 2·2·H·D·L per token and layer in the
+  forward pass over the **full** L×L score matrix (no causal halving; `causal=True` counts the (L+1)/2 keys a
+  query actually attends to), ×3 with gradient, ×1 without;
+- activation recomputation (the chunked loss recomputes head logits in backward when B·L·V is large) is not
+  counted: these are model FLOPs, not hardware FLOPs.
+
+Checked against `torch.utils.flop_counter.FlopCounterMode` on a real forward + backward (tests): exact, except
+that with the `linear` injection the first gradient iteration skips W_h's input gradient (h enters it detached),
+2·S² FLOPs per token that the 6× convention counts anyway.
+
+`official_flops_per_token` is `scripts/cost.py` of the official code (official-notes §5), for comparison: it
+takes μ_rec and μ_bwd as the iteration counts, counts all non-embedding parameters (value-embedding tables
+included, the tied head not at all) and the injection once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from scipy import special
+from torch import nn
+
+from ..config import ParcaeConfig
+from ..model.parcae import Parcae
+
+# Attention FLOPs of one forward pass, per token, layer, query head-dimension and key: QKᵀ and AV, 2 each.
+_ATTENTION_FWD = 4
+
+
+@dataclass(frozen=True)
+class MatmulParams:
+    """Matmul parameters per token, grouped by how often they run in one training forward."""
+
+    outer: int  # prelude + coda blocks (attention, MLP, value-embedding gates)
+    head: int  # LM head (tied or not)
+    readout: int  # C, after the loop
+    injection_once: int  # loop-invariant injection matmul: B (diagonal), W_e (linear)
+    core: int  # one iteration of the core blocks
+    injection_step: int  # per-iteration injection matmul: W_h (linear)
+
+    @property
+    def once(self) -> int:
+        return self.outer + self.head + self.readout + self.injection_once
+
+    @property
+    def per_iteration(self) -> int:
+        return self.core + self.injection_step
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Training FLOPs per token and their parts (see the module docstring for the convention)."""
+
+    seq_len: int
+    causal: bool
+    no_grad_iterations: float  # E[n] (or the given n)
+    grad_iterations: float  # E[k] (or the given k)
+    params_no_grad: float  # N̂₁
+    params_grad: float  # N̂₂
+    attention: float  # attention FLOPs per token (forward and backward)
+
+    @property
+    def total(self) -> float:
+        return 2.0 * self.params_no_grad + 6.0 * self.params_grad + self.attention
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        return {**asdict(self), "total": self.total}
+
+
+@lru_cache(maxsize=64)
+def _meta_model(cfg: ParcaeConfig) -> Parcae:
+    with torch.device("meta"):
+        return Parcae(cfg)
+
+
+def _linear_params(modules: list[nn.Module]) -> int:
+    return sum(m.weight.numel() for module in modules for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def matmul_params(cfg: ParcaeConfig) -> MatmulParams:
+    """Matmul parameters of `cfg`, read off the model built on the meta device (so they follow the code)."""
+    model = _meta_model(cfg)
+    outer = _linear_params([*model.prelude, *model.coda])
+    head = model.lm_head.weight.numel()
+    if not cfg.is_looped:
+        return MatmulParams(outer, head, readout=0, injection_once=0, core=0, injection_step=0)
+    injection_once = injection_step = 0
+    if cfg.injection in ("diagonal", "diagonal-zoh"):
+        injection_once = cfg.d_state * cfg.d_model
+    elif cfg.injection == "linear":
+        injection_once, injection_step = cfg.d_state * cfg.d_model, cfg.d_state * cfg.d_state
+    return MatmulParams(
+        outer=outer,
+        head=head,
+        readout=model.readout.weight.numel(),
+        injection_once=injection_once,
+        core=_linear_params(list(model.core)),
+        injection_step=injection_step,
+    )
+
+
+def core_params(cfg: ParcaeConfig) -> int:
+    """All parameters of the core blocks (norms included): the official `N_core`."""
+    return sum(p.numel() for block in _meta_model(cfg).core for p in block.parameters()) if cfg.is_looped else 0
+
+
+def effective_params(cfg: ParcaeConfig, mean_recurrence: int | None = None) -> int:
+    """N(μ_rec): parameters of the model with its loop unrolled μ_rec times (core blocks copied μ_rec times).
+
+    The split follows the official code: the core blocks repeat, everything else (injection and C included)
+    is counted once.
+    """
+    mean = cfg.mean_recurrence if mean_recurrence is None else mean_recurrence
+    total = sum(p.numel() for p in _meta_model(cfg).parameters())
+    return total + (mean - 1) * core_params(cfg) if cfg.is_looped else total
+
+
+def expected_iterations(cfg: ParcaeConfig, seq_len: int | None = None) -> tuple[float, float]:
+    """(E[n], E[k]): expected core iterations per row without and with gradient under `cfg`'s sampler.
+
+    T = max(1, Poisson(μ)), k = min(T, b), n = T − k with b = μ_bwd, so E[k] = Σ_{j=1..b} P(T ≥ j) and
+    E[n] = E[T] − E[k], E[T] = μ + e^{−μ}. Per-token sampling runs each row to its largest token depth, the
+    maximum of L draws: P(T_max ≥ j) = 1 − P(T ≤ j−1)^L. Fixed sampling runs μ, the last min(μ, b) with grad.
+    """
+    if not cfg.is_looped:
+        return 0.0, 0.0
+    mean, bwd = cfg.mean_recurrence, cfg.backprop_depth
+    if cfg.depth_sampling == "fixed":
+        return float(mean - min(mean, bwd)), float(min(mean, bwd))
+    draws = 1
+    if cfg.depth_sampling == "per-token":
+        draws = seq_len or cfg.max_seq_len
+    # P(T ≥ j) for j = 1, 2, …: T ≥ 1 always; for j ≥ 2, T ≥ j ⇔ Poisson ≥ j. Summed far enough into the
+    # tail that the remaining terms are below double precision.
+    last = int(mean + 20 * math.sqrt(mean) + 40)
+    while True:
+        j = np.arange(1, last + 1)
+        survival = np.where(j >= 2, special.pdtrc(j - 1, mean), 1.0)  # P(T ≥ j) = P(Poisson > j − 1), one draw
+        with np.errstate(divide="ignore"):  # log1p(−1) = −∞ at j = 1 is intended: P(max ≥ 1) = 1
+            at_least = -np.expm1(draws * np.log1p(-survival))  # P(max of `draws` ≥ j)
+        if at_least[-1] < 1e-18:
+            break
+        last *= 2
+    expected_total = float(mean + math.exp(-mean)) if draws == 1 else float(at_least.sum())
+    expected_grad = float(at_least[:bwd].sum())
+    return expected_total - expected_grad, expected_grad
+
+
+def flops_per_token(
+    cfg: ParcaeConfig,
+    seq_len: int | None = None,
+    *,
+    no_grad: float | None = None,
+    grad: float | None = None,
+    causal: bool = False,
+) -> FlopCount:
+    """Training FLOPs per token of `cfg` at sequence length `seq_len` (default: the model's context).
+
+    The core iteration counts are the sampler's expectations unless `no_grad` and `grad` are given (e.g.
+    the n, k of a fixed `DepthPlan`); a fixed-depth Transformer (n_core = 0) has none.
+    """
+    seq_len = seq_len or cfg.max_seq_len
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}.")
+    if (no_grad is None) != (grad is None):
+        raise ValueError("give both no_grad and grad iteration counts, or neither.")
+    if no_grad is None or grad is None:
+        no_grad, grad = expected_iterations(cfg, seq_len)
+    elif not cfg.is_looped and (no_grad or grad):
+        raise ValueError("a fixed-depth Transformer (n_core = 0) has no loop iterations.")
+    params = matmul_params(cfg)
+    keys = (seq_len + 1) / 2 if causal else seq_len
+    outer_layer = _ATTENTION_FWD * cfg.n_heads * cfg.head_dim * keys
+    core_layer = _ATTENTION_FWD * cfg.core_heads * cfg.head_dim * keys if cfg.is_looped else 0.0
+    attention = 3 * (cfg.n_prelude + cfg.n_coda) * outer_layer + (no_grad + 3 * grad) * cfg.n_core * core_layer
+    return FlopCount(
+        seq_len=seq_len,
+        causal=causal,
+        no_grad_iterations=no_grad,
+        grad_iterations=grad,
+        params_no_grad=no_grad * params.per_iteration,
+        params_grad=params.once + grad * params.per_iteration,
+        attention=attention,
+    )
+
+
+def official_flops_per_token(cfg: ParcaeConfig, seq_len: int | None = None) -> int:
+    """The official `scripts/cost.py` figure (official-notes §5), with R = μ_rec and S = μ_bwd:
+
+    6·N_noncore + 3·(n_pre + n_coda)·4·d·L + (2R + 4S)·N_core + (R + 2S)·n_core·4·d_core·L, where
+    N_core = core-block parameters and N_noncore = all parameters − embedding − N_core.
+    """
+    seq_len = seq_len or cfg.max_seq_len
+    total = sum(p.numel() for p in _meta_model(cfg).parameters())
+    n_core = core_params(cfg)
+    noncore = total - cfg.vocab_size * cfg.d_model - n_core
+    outer = 3 * (cfg.n_prelude + cfg.n_coda) * _ATTENTION_FWD * cfg.n_heads * cfg.head_dim * seq_len
+    if not cfg.is_looped:
+        return 6 * noncore + outer
+    r, s = cfg.mean_recurrence, cfg.backprop_depth
+    core_attention = (r + 2 * s) * cfg.n_core * _ATTENTION_FWD * cfg.core_heads * cfg.head_dim * seq_len
+    return 6 * noncore + outer + (2 * r + 4 * s) * n_core + core_attention
+
+
+def format_breakdown(cfg: ParcaeConfig, count: FlopCount) -> str:
+    """A human-readable table of `count` (from `flops_per_token(cfg, …)`)."""
+    params = matmul_params(cfg)
+    lines = [
+        f"{cfg.name}: training FLOPs per token at L = {count.seq_len} "
+        f"({'causal' if count.causal else 'full'} attention, model FLOPs)",
+    ]
+    if cfg.is_looped:
+        lines.append(
+            f"  depth sampler {cfg.depth_sampling}, μ_rec {cfg.mean_recurrence}, μ_bwd {cfg.backprop_depth}: "
+            f"E[n] = {count.no_grad_iterations:.4f} (no grad), E[k] = {count.grad_iterations:.4f} (grad)"
+        )
+    rows = [
+        ("prelude + coda matmuls", params.outer),
+        ("LM head", params.head),
+        ("readout C", params.readout),
+        ("injection, once per forward", params.injection_once),
+        ("core matmuls per iteration", params.core),
+        ("injection per iteration", params.injection_step),
+    ]
+    for label, value in rows:
+        if value or label in ("prelude + coda matmuls", "LM head"):
+            lines.append(f"  {label:<30} {value:>16,}")
+    lines += [
+        f"  N̂₁ (no grad, ×2)               {count.params_no_grad:>16,.1f}",
+        f"  N̂₂ (grad, ×6)                  {count.params_grad:>16,.1f}",
+        f"  attention                      {count.attention:>16,.1f}",
+        f"  total                          {count.total:>16,.1f}",
+        f"  official formula (cost.py)     {official_flops_per_token(cfg, count.seq_len):>16,}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Loss, perplexity and bits per byte across test-time depths and h₀ seeds; `parcae eval` on the loss."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parcae import Parcae, get_preset
+from parcae.cli import main
+from parcae.data.tokenizer import ByteTokenizer, train_bpe
+from parcae.eval.loss import format_table, loss_by_depth
+
+TEXT = "naïve café — 日本語のテキスト ✓ 🙂 and plain ASCII too"
+TOK = ByteTokenizer()
+
+
+def batch_of(texts: list[str], tok=TOK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `BOS text` (right-padded) as (inputs, labels); the BOS opening each row is a context, never a target."""
+    rows = [[tok.bos_id, *tok.encode(t)] for t in texts]
+    width = max(map(len, rows))
+    inputs = torch.full((len(rows), width - 1), tok.pad_id)
+    labels = torch.full((len(rows), width - 1), -100)
+    for i, row in enumerate(rows):
+        inputs[i, : len(row) - 1] = torch.tensor(row[:-1])
+        labels[i, : len(row) - 1] = torch.tensor(row[1:])
+    return inputs, labels
+
+
+@pytest.fixture(scope="module")
+def micro() -> Parcae:
+    torch.manual_seed(0)
+    return Parcae(get_preset("parcae-micro")).eval()
+
+
+def test_bits_per_byte_counts_utf8_bytes_of_multibyte_text(micro: Parcae) -> None:
+    texts = [TEXT, "x = 1\n", "ü" * 9]
+    inputs, labels = batch_of(texts)
+    (result,) = loss_by_depth(micro, [(inputs, labels)], [3], token_bytes=TOK.token_bytes())
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert result.bytes == nbytes and nbytes > sum(len(t) for t in texts)  # bytes, not characters
+    with torch.no_grad():
+        logits = micro(inputs, num_steps=3).logits
+    nats = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    assert result.bpb == pytest.approx(float(nats) / (math.log(2) * nbytes), rel=1e-5)
+    assert result.loss == pytest.approx(float(nats) / result.tokens, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(result.loss))
+
+
+def test_special_targets_carry_no_bytes_and_no_bits(micro: Parcae) -> None:
+    # A packed row: document 1, then the BOS of document 2 as a target, then document 2.
+    row = [TOK.bos_id, *TOK.encode("héllo"), TOK.bos_id, *TOK.encode("wörld")]
+    inputs, labels = torch.tensor([row[:-1]]), torch.tensor([row[1:]])
+    (result,) = loss_by_depth(micro, [(inputs, labels)], [2], token_bytes=TOK.token_bytes())
+    with torch.no_grad():
+        nll = F.cross_entropy(micro(inputs, num_steps=2).logits[0], labels[0], reduction="none")
+    text = labels[0] != TOK.bos_id
+    assert result.bytes == len("héllowörld".encode())
+    assert result.bpb == pytest.approx(float(nll[text].sum()) / (math.log(2) * result.bytes), rel=1e-5)
+    assert result.loss == pytest.approx(float(nll.mean()), rel=1e-5)  # the loss keeps every target
+
+
+def test_bpe_token_bytes_are_raw_bytes_even_mid_character() -> None:
+    corpus = ["日本語のテキストです。" * 20, "naïve café déjà vu " * 20, "plain words here " * 20]
+    tok = train_bpe(corpus, vocab_size=300)
+    sizes = tok.token_bytes()
+    ids = tok.encode(TEXT)
+    assert int(sizes[ids].sum()) == len(TEXT.encode("utf-8"))
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "this corpus should give tokens ending inside a character"
+    # Counting decoded characters instead (the official way) miscounts those tokens.
+    assert sum(len(tok.decode([i]).encode("utf-8")) for i in ids) != len(TEXT.encode("utf-8"))
+    assert sizes[tok.bos_id] == sizes[tok.eos_id] == sizes[tok.pad_id] == 0
+
+
+def test_depth_sweep_gives_one_entry_per_depth_and_seed_statistics(micro: Parcae) -> None:
+    batches = [batch_of([TEXT, "def f(x):\n    return x"])]
+    depths = [1, 2, 5]
+    swept = loss_by_depth(micro, batches, depths, state_seed=[0, 1, 2], token_bytes=TOK.token_bytes())
+    assert [r.depth for r in swept] == depths and all(r.seeds == (0, 1, 2) for r in swept)
+    for r in swept:
+        singles = [loss_by_depth(micro, batches, [r.depth], state_seed=s, token_bytes=TOK.token_bytes())[0]
+                   for s in (0, 1, 2)]  # fmt: skip
+        losses = [s.loss for s in singles]
+        assert r.loss == pytest.approx(sum(losses) / 3, rel=1e-6)
+        assert r.loss_std == pytest.approx(float(np.std(losses)), abs=1e-9)
+        assert r.state_norm is not None and r.residual is not None
+    assert swept[0].loss_std > 0  # like-init h₀: the seed matters
+    # Without token_bytes the memory-saving path (no logits) gives the same loss.
+    plain = loss_by_depth(micro, batches, depths, state_seed=[0, 1, 2])
+    assert [p.loss for p in plain] == pytest.approx([r.loss for r in swept], rel=1e-5)
+    assert plain[0].bpb is None
+    table = format_table(swept)
+    assert len(table.splitlines()) == 1 + len(depths) and "bpb" in table and "±" in table
+
+
+def test_fixed_depth_model_and_bad_input(micro: Parcae) -> None:
+    gpt = Parcae(get_preset("parcae-micro", n_core=0)).eval()
+    batches = [batch_of([TEXT])]
+    a, b = loss_by_depth(gpt, batches, [1, 8])
+    assert a.loss == b.loss and a.state_norm is None
+    with pytest.raises(ValueError, match="depths must be positive"):
+        loss_by_depth(micro, batches, [0])
+    with pytest.raises(ValueError, match="no validation batches"):
+        loss_by_depth(micro, [], [1])
+
+
+def test_cli_loss_with_bpb_on_a_data_file(tmp_path: Path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    Parcae(get_preset("parcae-micro")).save_pretrained(model_dir)
+    TOK.save(model_dir)
+    docs = [TEXT, "ünïcödé " * 2, "ascii only"]  # one packed row: no token is cut off
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    argv = ["eval", str(model_dir), "--data", str(tmp_path / "docs.jsonl"), "--depths", "1,2", "--seeds", "2",
+            "--batch-size", "4", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bpb" in out and "h₀ seeds 0,1" in out
+    payload = json.loads((model_dir / "eval" / "loss_by_depth.json").read_text())
+    assert [r["depth"] for r in payload["results"]] == [1, 2] and payload["seeds"] == [0, 1]
+    assert payload["results"][0]["bytes"] == sum(len(t.encode("utf-8")) for t in docs)  # every document, all bytes
+    assert (model_dir / "eval" / "loss_by_depth.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "{empty}"], "is neither a training run"),
+        (["eval", "{missing}"], "is not a directory"),
+        (["eval", "{model}"], "has no validation data; pass --data"),
+        (["eval", "{model}", "--tasks", "copa"], "need --core DIR"),
+        (["eval", "{model}", "--core", "{empty}"], "holds no task files"),
+    ],
+)
+def test_cli_errors_are_one_line(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    Parcae(get_preset("parcae-micro")).save_pretrained(tmp_path / "model")
+    TOK.save(tmp_path / "model")
+    paths = {"{empty}": tmp_path / "empty", "{missing}": tmp_path / "missing", "{model}": tmp_path / "model"}
+    assert main([str(paths.get(a, a)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("parcae: error:") and message in err and "\n" not in err
+
+
+def test_cli_rejects_non_positive_depths(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "somewhere", "--depths", "0,2"])
+    assert exit_info.value.code == 2 and "positive integers" in capsys.readouterr().err
