@@ -531,7 +531,7 @@ def test_explicit_core_shapes_and_value_embedding_layers() -> None:
     assert count_params(get_preset("parcae-tiny", n_core_heads=None)) == count_params(get_preset("parcae-tiny"))
     for bad, message in [
         ({"value_embedding_layers": [6]}, "must lie in"),
-        ({"value_embedding_layers": "1,3"}, "list of layer indices"),
+        ({"value_embedding_layers": "1,3"}, "value_embedding_layers must be a list of integers"),
         ({"n_core_heads": 3}, "n_core_heads × head_dim"),
         ({"n_core_kv_heads": 3}, "multiple of n_core_kv_heads"),
         ({"d_core_mlp": 0}, "d_core_mlp must be a positive integer"),

@@ -321,3 +321,19 @@ def test_modules_are_plain_torch() -> None:
         "readout.weight",
         "prelude_norm.weight",
     } <= names
+
+
+def test_half_relu_square_matches_autograd_in_every_mode() -> None:
+    from parcae.model.layers import HalfReluSquare
+
+    z = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    reference = lambda t: 0.5 * torch.relu(t) ** 2  # noqa: E731
+    torch.testing.assert_close(HalfReluSquare.apply(z), reference(z))
+    assert torch.autograd.gradcheck(HalfReluSquare.apply, (z,))
+    assert torch.autograd.gradgradcheck(HalfReluSquare.apply, (z,))
+    tangent = torch.randn_like(z)
+    ours = torch.func.jvp(HalfReluSquare.apply, (z.detach(),), (tangent,))[1]
+    expected = torch.func.jvp(reference, (z.detach(),), (tangent,))[1]
+    torch.testing.assert_close(ours, expected)
+    batched = torch.func.vmap(HalfReluSquare.apply)(z.detach())
+    torch.testing.assert_close(batched, reference(z.detach()))

@@ -2,8 +2,9 @@
 
 Each module in `COMMAND_MODULES` has `register(commands)`, which adds its parsers and sets
 `handler=` on each; `parcae lab …` experiments register into the `lab` group via `register_lab(lab)`.
-Errors a user can cause (bad config, missing data, corrupt checkpoint, …) print one line
-`parcae: error: …` and exit with status 2 (1 for a run that diverged); `--debug` shows the traceback.
+Errors a user can cause (bad config, missing data, corrupt checkpoint, a missing optional package, and
+argparse's usage errors) print one line `parcae: error: …` and exit with status 2 (1 for a run that
+diverged); `--debug` shows the traceback. docs/reliability.md lists what is tested.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 # Modules with `register(commands)`; one line each, so features can be added independently.
 COMMAND_MODULES = (
@@ -29,8 +31,15 @@ LAB_MODULES: tuple[str, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line too, like every other error (subcommand parsers inherit this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"parcae: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="parcae",
         description="Parcae: train, evaluate and sample stable looped language models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -76,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train.trainer import TrainingError
 
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if not isinstance(err, (ValueError, OSError, TrainingError)):  # not a user error: likely a bug
+        if not isinstance(err, (ValueError, OSError, ImportError, TrainingError)):  # not a user error: likely a bug
             message = f"{type(err).__name__}: {message} (rerun with --debug for the traceback)"
         print(f"parcae: error: {message}", file=sys.stderr)
         return 1 if isinstance(err, TrainingError) else 2

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,41 @@ VE_GATE_CHANNELS = 32
 # Keys that Hugging Face transformers writes into a model's config.json beside our fields (`parcae.hf`); they
 # describe the file, not the model, so `from_dict` skips them and one directory serves both loaders.
 HF_METADATA_KEYS = frozenset({"model_type", "architectures", "transformers_version", "dtype", "torch_dtype"})
+
+
+def field_type_error(config: Any) -> str | None:
+    """Make every field of a (frozen) config dataclass hold its annotated type, or say which does not.
+
+    `--set` and config files give arbitrary YAML values; a wrong type must be one clear sentence here, not a
+    TypeError deep inside training. Integral floats (YAML's 1e3) become ints; floats must be finite; a bool is
+    not a number; a list stands for a tuple."""
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        hint, value = hints[item.name], getattr(config, item.name)
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if int in allowed and float not in allowed and isinstance(value, float) and value.is_integer():
+            value = int(value)
+            object.__setattr__(config, item.name, value)
+        if not any(_is_a(value, kind) for kind in allowed):
+            return f"{item.name} must be {' or '.join(map(_type_name, allowed))}, got {value!r}."
+    return None
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind in (int, bool):
+        return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, (tuple, list)) and all(_is_a(v, typing.get_args(kind)[0]) for v in value)
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    names = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(kind, "a list of integers" if typing.get_origin(kind) is tuple else str(kind))
 
 
 @dataclass(frozen=True)
@@ -70,6 +107,9 @@ class ParcaeConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        problem = field_type_error(self)
+        if problem:
+            raise ValueError(f"Invalid ParcaeConfig ({self.name}): {problem}")
         resolved = {
             "n_kv_heads": self.n_heads if self.n_kv_heads is None else self.n_kv_heads,
             "head_dim": (self.d_model // self.n_heads if self.n_heads > 0 else 0)
@@ -316,7 +356,7 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def get_preset(name: str, **overrides: Any) -> ParcaeConfig:
+def get_preset(name: str, /, **overrides: Any) -> ParcaeConfig:  # `name=` among the overrides renames it
     """A named preset, optionally with fields overridden (e.g. `injection="linear"` for the RDM baseline)."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; available: {', '.join(PRESETS)}.")

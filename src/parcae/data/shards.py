@@ -8,7 +8,7 @@ Layout written by `prepare(spec, tokenizer, out_dir)`:
         shard-00000.bin ...     raw little-endian uint16 tokens (uint32 when vocab_size > 65536)
         docs.npy                int64 [num_docs + 1]: start of each document in the split's token stream
                                 (the shards concatenated), plus the end; global, not per shard
-        index.json              dtype, vocab_size, counts, and each shard's token count and sha256
+        index.json              dtype, vocab_size, counts, each shard's token count and sha256, docs.npy's sha256
 
 Every document is stored as [BOS] + encode(text); the packer relies on BOS opening each document. A
 document never straddles two shards, so `doc(i)` is always a view into one memory map: a shard is
@@ -167,12 +167,20 @@ class ShardStore:
             raise FileNotFoundError(f"No prepared split at {split_dir} (missing {INDEX_FILE}); run prepare first.")
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{index_path} is not valid JSON ({exc.msg}).") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else exc.reason
+            raise ValueError(f"{index_path} is not valid JSON ({reason}).") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             raise ValueError(f"{index_path} is not a {FORMAT} index.")
         if index.get("version") != FORMAT_VERSION:
             raise ValueError(f"{index_path} has format version {index.get('version')}; expected {FORMAT_VERSION}.")
+        try:
+            return cls._open_checked(split_dir, index_path, index)
+        except (KeyError, TypeError, AttributeError) as exc:  # a field missing or of the wrong type: damaged
+            raise ValueError(f"{index_path} is corrupt ({type(exc).__name__}: {exc}).") from None
+
+    @classmethod
+    def _open_checked(cls, split_dir: Path, index_path: Path, index: dict[str, Any]) -> ShardStore:
         dtype = np.dtype(index["dtype"]).newbyteorder("<")
         if dtype.kind != "u" or dtype.itemsize not in (2, 4):
             raise ValueError(f"{index_path}: unsupported token dtype {index['dtype']!r}.")
@@ -182,7 +190,11 @@ class ShardStore:
         offsets_path = split_dir / OFFSETS_FILE
         if not offsets_path.is_file():
             raise FileNotFoundError(f"Missing document offsets {offsets_path}.")
-        offsets = _check_offsets(np.load(offsets_path), num_tokens, str(offsets_path))
+        try:
+            stored = np.load(offsets_path)
+        except Exception as exc:  # a damaged .npy header fails in numpy's parser with many error types
+            raise ValueError(f"{offsets_path} is corrupt ({' '.join(str(exc).split())}).") from None
+        offsets = _check_offsets(stored, num_tokens, str(offsets_path))
         if offsets.size - 1 != index["num_docs"]:
             raise ValueError(f"{offsets_path} holds {offsets.size - 1} documents; the index says {index['num_docs']}.")
         maps = []
@@ -221,7 +233,11 @@ class ShardStore:
         return self._maps[k][self.offsets[i] - base : self.offsets[i + 1] - base]
 
     def verify(self) -> None:
-        """Recompute every shard's sha256; `ValueError` names the first shard that does not match."""
+        """Recompute every shard's sha256 (and the offsets'); `ValueError` names the first file that does not match."""
+        offsets = self.directory / OFFSETS_FILE
+        expected = self.index.get("offsets_sha256")  # absent in directories prepared before it was recorded
+        if expected is not None and _sha256_file(offsets) != expected:
+            raise ValueError(f"{offsets} fails its sha256 check: the file is corrupt; re-run prepare.")
         for shard in self.index["shards"]:
             path = self.directory / shard["file"]
             digest = _sha256_file(path)
@@ -325,6 +341,7 @@ class _SplitWriter:
             "num_docs": len(self.starts),
             "num_tokens": self.num_tokens,
             "offsets": OFFSETS_FILE,
+            "offsets_sha256": _sha256_file(self.directory / OFFSETS_FILE),
             "shards": self.shards,
         }
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

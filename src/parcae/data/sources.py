@@ -158,11 +158,15 @@ def _iter_txt(path: Path, rel: str) -> Iterator[Document]:
 
 
 def _iter_jsonl(path: Path, rel: str, text_field: str) -> Iterator[Document]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decoded line by line, so invalid UTF-8 is reported at its line
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start}).") from None
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -179,16 +183,36 @@ def _iter_parquet(path: Path, rel: str, text_field: str) -> Iterator[Document]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("Reading .parquet files needs pyarrow: pip install parcae-looped[hf]") from None
-    pf = pq.ParquetFile(path)
+    from pyarrow import ArrowException
+
+    # Damage surfaces as Arrow, OS or decoding errors that do not name the file: say which file and where.
+    # Page CRCs are verified where the writer stored them (pyarrow does not by default, and a flipped bit
+    # in an unchecked page reads back as different text without any error).
+    try:
+        pf = pq.ParquetFile(path, page_checksum_verification=True)
+    except (ArrowException, OSError) as exc:
+        raise ValueError(f"{path} is not a readable Parquet file ({_one_line(exc)}).") from None
     if text_field not in pf.schema_arrow.names:
         raise ValueError(f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}).")
     row = 0
-    for batch in pf.iter_batches(columns=[text_field]):  # streams row groups, never the whole file
-        for value in batch.column(0).to_pylist():
+    batches = pf.iter_batches(columns=[text_field])  # streams row groups, never the whole file
+    while True:
+        try:
+            batch = next(batches, None)
+            values = [] if batch is None else batch.column(0).to_pylist()
+        except (ArrowException, OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is corrupt after row {row} ({_one_line(exc)}).") from None
+        if batch is None:
+            return
+        for value in values:
             text = _text_value(value, text_field, f"{path} row {row}")
             if text is not None:
                 yield Document(f"{rel}:{row}", text)
             row += 1
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _iter_path(path: Path, text_field: str) -> Iterator[Document]:

@@ -3,17 +3,22 @@
 Layout of `RUN/checkpoints/step-00000100/`:
 - `config.json` + `model.safetensors` — a `save_pretrained` directory, loadable by `Parcae.from_pretrained`;
 - `optimizer.safetensors` (every tensor of the optimiser state) + `optimizer.json` (the rest);
-- `trainer_state.json` — step, tokens, data position, RNG states, and a `manifest` of SHA-256 digests
-  of the other files, so truncation or bit rot is detected before anything is loaded.
+- `trainer_state.json` — step, tokens, data position, RNG states, a `manifest` of SHA-256 digests
+  of the other files and the digest of its own content, so truncation or bit rot anywhere is detected
+  before anything is loaded.
 Nothing is ever unpickled. A checkpoint is written into a temporary directory, fsynced, renamed into
-place, and only then does the `latest` pointer (itself replaced atomically) name it; a crash at any
-point leaves `latest` naming a complete checkpoint. The newest `keep` checkpoints are kept.
+place, and only then does the `latest` pointer (itself replaced atomically) name it. Directories leave
+by a rename too (to a hidden name, then deleted), so at every instant each `step-*` directory is
+complete and `latest` names one of them: a crash (even SIGKILL) at any point loses at most the
+checkpoint being written. A write that fails (disk full, …) raises `CheckpointWriteError` and leaves
+the earlier checkpoints and `latest` as they were. The newest `keep` checkpoints are kept.
 The format does not depend on how the run was distributed: with FSDP, rank 0 writes the gathered full
 state in exactly this layout (`parcae.train.distributed`), so any checkpoint resumes at any world size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..model.parcae import Parcae
@@ -34,6 +40,15 @@ _PREFIX = "step-"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or corrupt."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions, …); earlier checkpoints are untouched."""
+
+
+def _state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of the trainer state's canonical JSON (what `verify` recomputes); floats round-trip exactly."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -108,10 +123,32 @@ class CheckpointManager:
     def save(
         self, step: int, model: Parcae, optimizer: torch.optim.Optimizer | dict[str, Any], state: dict[str, Any]
     ) -> Path:
-        """Write checkpoint `step` (the optimiser or its state dict) and point `latest` at it."""
+        """Write checkpoint `step` (the optimiser or its state dict) and point `latest` at it.
+
+        An OSError on the way (disk full, …) removes the partial files and raises `CheckpointWriteError`;
+        the earlier checkpoints and `latest` are left as they were."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{_PREFIX}{step:08d}"
         tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
+        try:
+            self._write(tmp, step, model, optimizer, state)
+            self._publish(tmp, final)
+        except (OSError, SafetensorError) as err:  # safetensors reports I/O errors (ENOSPC, EFBIG) as its own type
+            shutil.rmtree(tmp, ignore_errors=True)
+            latest = self.latest()
+            kept = f"{latest.name} is intact and still the latest" if latest else "no earlier checkpoint exists"
+            reason = getattr(err, "strerror", None) or str(err)
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final.name} in {self.root}: {reason}; {kept}"
+            ) from err
+        self._prune()
+        return final
+
+    def _write(
+        self, tmp: Path, step: int, model: Parcae, optimizer: torch.optim.Optimizer | dict[str, Any],
+        state: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """Every file of the checkpoint into `tmp`, fsynced (the manifest and the state digest last)."""
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -120,32 +157,47 @@ class CheckpointManager:
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
         manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        payload = {**state, "step": step, "manifest": manifest}
         with (tmp / STATE_FILE).open("w") as handle:
-            json.dump({**state, "step": step, "manifest": manifest}, handle, indent=1)
+            json.dump({**payload, "state_sha256": _state_digest(payload)}, handle, indent=1)
         for path in tmp.iterdir():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a rollback): replace it whole
-            shutil.rmtree(final)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the complete `tmp` to `final` and point `latest` at it."""
+        if final.exists():  # a re-save of a step, after resuming from an earlier checkpoint: replace it whole
+            if self.latest() == final:
+                # Never leave `latest` naming a directory that is being replaced: point it at the newest
+                # older intact checkpoint (the one this run resumed from, at the latest) until `final` is back.
+                older = self.newest_valid(before=final)
+                if older is not None:
+                    write_atomic(self.root / LATEST, older.name + "\n")
+            self._discard(final)
         os.replace(tmp, final)
         _fsync_dir(self.root)
         write_atomic(self.root / LATEST, final.name + "\n")
-        self._prune()
-        return final
+
+    def _discard(self, path: Path) -> None:
+        """Delete a checkpoint directory: renamed to a hidden name first, so no half-deleted `step-*` remains."""
+        trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _prune(self) -> None:
-        for stale in self.root.glob(f".{_PREFIX}*.tmp-*"):
+        for stale in self.root.glob(f".{_PREFIX}*"):  # left by a crash: partial writes and half-deleted trash
             shutil.rmtree(stale, ignore_errors=True)
         complete = self.list()
         latest = self.latest()
         for path in complete[: -self.keep]:
             if path != latest:
-                shutil.rmtree(path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    self._discard(path)
 
     # ------------------------------------------------------------------ reading
     def list(self) -> list[Path]:
-        """Checkpoint directories by step (complete or not)."""
+        """Checkpoint directories by step (each complete when written; `verify` checks it still is)."""
         if not self.root.is_dir():
             return []
         return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
@@ -154,7 +206,7 @@ class CheckpointManager:
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        name = pointer.read_text().strip()
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()  # a damaged pointer names nothing real
         return self.root / name if name else None
 
     def verify(self, path: Path) -> dict[str, Any]:
@@ -163,9 +215,14 @@ class CheckpointManager:
         if not state_path.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete ({STATE_FILE} missing)")
         try:
-            state = json.loads(state_path.read_text())
-        except json.JSONDecodeError:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"checkpoint {path} has a corrupt {STATE_FILE}") from None
+        if not isinstance(state, dict) or not isinstance(state.get("manifest", {}), dict):
+            raise CheckpointError(f"checkpoint {path} has a corrupt {STATE_FILE}")
+        own = state.pop("state_sha256", None)  # absent in checkpoints written before it was added
+        if own is not None and own != _state_digest(state):
+            raise CheckpointError(f"checkpoint {path} is corrupt ({STATE_FILE} fails its SHA-256 check)")
         for name, digest in state.get("manifest", {}).items():
             file = path / name
             if not file.is_file():

@@ -15,6 +15,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Train a Parcae model or a baseline. Example:\n"
         "  parcae train --preset parcae-tiny --data stdlib --minutes 5 --out runs/tiny\n"
         "  parcae train --resume runs/tiny            # continue after a stop or crash\n"
+        "  parcae train --preset parcae-tiny … --out runs/tiny --overwrite   # afresh; old run → runs/tiny.old-1\n"
         "  torchrun --nproc-per-node 8 -m parcae train --parallel fsdp …   # distributed (docs/distributed.md)",
         epilog=EPILOG_DATA + "\n--set takes any model field (e.g. mean_recurrence=4, injection=linear) or training "
         "field (e.g. lr=3e-3, optimizer=adamw, eval_every=100); values are parsed as YAML.",
@@ -27,6 +28,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (repeatable)")
     train.add_argument("--data", help="data spec (default: stdlib)")
     train.add_argument("--out", metavar="DIR", help="run directory to create")
+    train.add_argument(
+        "--overwrite", action="store_true",
+        help="if --out already holds a run, rename it to DIR.old-K first (nothing is deleted) and start afresh",
+    )  # fmt: skip
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=positive_int, help="optimizer steps")
     budget.add_argument("--tokens", type=positive_int, help="training tokens")
@@ -57,6 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     budget = {k: getattr(args, k) for k in ("steps", "tokens", "minutes") if getattr(args, k) is not None}
     if args.resume:
+        if args.overwrite:
+            raise ValueError("--overwrite starts a new run; it cannot be combined with --resume.")
         if args.preset or args.config or args.set or args.data or args.out or args.lockstep or args.grad_accum:
             raise ValueError(
                 "--resume continues a run as configured; only a new budget and --parallel may be given with it."
@@ -78,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_cfg, train_cfg = build_configs(
             args.preset, args.config, args.set, {k: v for k, v in options.items() if v is not None}
         )
-        trainer = Trainer(model_cfg, train_cfg, args.out, progress_bar=not args.no_progress)
+        trainer = Trainer(model_cfg, train_cfg, args.out, progress_bar=not args.no_progress, overwrite=args.overwrite)
     from ..config import count_params
 
     main = trainer.dist.is_main  # under torchrun only rank 0 reports

@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from ..config import ParcaeConfig, get_preset
+from ..config import ParcaeConfig, field_type_error, get_preset
+from .checkpoint import write_atomic
 from .optim import OptimizerSettings
 from .schedule import SCHEDULES
 
@@ -65,7 +66,10 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     # Guardrails.
-    max_consecutive_skips: int = 8
+    max_consecutive_skips: int = 8  # also the patience of the divergence guard below
+    # A loss above factor × ln(vocab_size) (worse than uniform guessing) for max_consecutive_skips steps in a
+    # row stops the run as diverged; 0 turns the guard off.
+    divergence_factor: float = 2.0
     spike_factor: float = 0.0  # > 0: a loss above factor × its running mean is a spike
     rollback_on_spike: bool = False
     max_rollbacks: int = 3
@@ -73,6 +77,9 @@ class TrainConfig:
     wandb: bool = False
 
     def __post_init__(self) -> None:
+        problem = field_type_error(self)
+        if problem:
+            raise ValueError(f"Invalid training config: {problem}")
         if self.eval_depths is not None:
             object.__setattr__(self, "eval_depths", tuple(int(d) for d in self.eval_depths))
         self._validate()
@@ -114,10 +121,19 @@ class TrainConfig:
         for name in ("lr", "muon_lr"):
             if getattr(self, name) <= 0:
                 fail(f"{name} must be positive, got {getattr(self, name)}.")
-        if self.grad_clip < 0 or self.spike_factor < 0:
-            fail("grad_clip and spike_factor must be ≥ 0.")
-        if self.eval_depths is not None and any(d < 1 for d in self.eval_depths):
-            fail(f"eval_depths must be positive, got {list(self.eval_depths)}.")
+        if self.grad_clip < 0 or self.spike_factor < 0 or self.divergence_factor < 0:
+            fail("grad_clip, spike_factor and divergence_factor must be ≥ 0.")
+        if self.eval_depths is not None and (not self.eval_depths or any(d < 1 for d in self.eval_depths)):
+            fail(f"eval_depths must be positive (null for the defaults), got {list(self.eval_depths)}.")
+        for name in ("adam_beta1", "adam_beta2", "muon_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(f"{name} must lie in [0, 1), got {getattr(self, name)}.")
+        if self.adam_eps <= 0 or self.weight_decay < 0 or self.muon_weight_decay < 0:
+            fail("adam_eps must be positive; weight_decay and muon_weight_decay must be ≥ 0.")
+        if self.max_consecutive_skips < 1 or self.max_rollbacks < 0:
+            fail("max_consecutive_skips must be ≥ 1 and max_rollbacks ≥ 0.")
+        if not 0 <= self.seed < 2**63:
+            fail(f"seed must lie in [0, 2⁶³), got {self.seed}.")
 
     def optimizer_settings(self) -> OptimizerSettings:
         return OptimizerSettings(
@@ -238,13 +254,18 @@ def build_configs(
 
 
 def save_run_config(run_dir: Path, model_cfg: ParcaeConfig, train_cfg: TrainConfig) -> None:
+    """Atomically: a crash while a resume rewrites it must not leave a run that cannot be resumed."""
     text = json.dumps({"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}, indent=2) + "\n"
-    (run_dir / RUN_CONFIG).write_text(text)
+    write_atomic(run_dir / RUN_CONFIG, text)
 
 
 def load_run_config(run_dir: Path) -> tuple[ParcaeConfig, TrainConfig]:
     path = run_dir / RUN_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run ({RUN_CONFIG} missing).")
-    data = json.loads(path.read_text())
-    return ParcaeConfig.from_dict(data["model"]), TrainConfig(**data["train"])
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return ParcaeConfig.from_dict(data["model"]), TrainConfig(**data["train"])
+    except (ValueError, TypeError, KeyError) as err:  # truncated, edited or from another version
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a valid run configuration ({reason}).") from None

@@ -10,7 +10,8 @@ RUN/checkpoints/       step-XXXXXXXX/ (model, optimiser, trainer state) and the 
 RUN/summary.json       written when training ends
 ```
 Resuming restores model, optimiser, data position and step counters exactly; depths and h₀ are
-seeded from (seed, micro-step, rank), so a resumed run reproduces the uninterrupted one step for step.
+seeded from (seed, micro-step, rank), so a resumed run reproduces the uninterrupted one step for step,
+also after a SIGKILL at any point (docs/reliability.md says what is guaranteed and how it is tested).
 Under torchrun the same trainer runs on every rank; `DistributedContext` (train/distributed.py) holds
 everything that differs between ranks, and with a single process all of it is the identity.
 """
@@ -23,7 +24,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,19 +38,23 @@ from torch import Tensor
 
 from ..config import ParcaeConfig
 from ..data.packing import BestFitPacker, val_batches
-from ..data.shards import ShardStore, is_prepared, prepare
-from ..data.tokenizer import get_tokenizer, load_tokenizer
+from ..data.shards import INDEX_FILE, ShardStore, is_prepared, prepare
+from ..data.tokenizer import TOKENIZER_FILE, Tokenizer, get_tokenizer, load_tokenizer
 from ..eval.loss import DepthResult, loss_by_depth
 from ..model.parcae import Parcae
 from ..model.recurrence import DepthSampler
-from .checkpoint import CheckpointError, CheckpointManager
-from .config import TrainConfig, load_run_config, save_run_config
+from .checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, write_atomic
+from .config import RUN_CONFIG, TrainConfig, load_run_config, save_run_config
 from .distributed import DistributedContext, restore_packer
 from .distributed import resolve_device as resolve_device  # re-exported: the eval/infer/sweep CLIs import it here
 from .schedule import lr_multiplier, muon_momentum, muon_weight_decay
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+# What a run writes into its directory: a directory holding any of these (but no run) is not trained into.
+RUN_FILES = (RUN_CONFIG, TOKENIZER_FILE, "data", METRICS_FILE, "checkpoints", SUMMARY_FILE, "tensorboard", "wandb")
+# Periodic checkpoint writes that may fail in a row (disk full, …) before the run stops.
+MAX_CHECKPOINT_FAILURES = 3
 
 
 class TrainingError(RuntimeError):
@@ -79,8 +86,12 @@ class Trainer:
         echo: Callable[[str], None] = print,
         on_backward: Callable[[int, Parcae], None] | None = None,
         parallel: str | None = None,
+        overwrite: bool = False,
     ) -> None:
-        """`parallel` (ddp | fsdp) overrides the config's: how to distribute is a choice of each launch."""
+        """`parallel` (ddp | fsdp) overrides the config's: how to distribute is a choice of each launch.
+        `overwrite`: a new run in a directory that holds another run first renames that run to RUN.old-K
+        (nothing is deleted). A new run that fails to start removes what it created (and puts a run it
+        renamed back), so the same command can simply be given again."""
         self.run_dir = Path(run_dir)
         self.on_backward = on_backward  # test hook: called after backward, before clipping
         if resume:  # every rank reads the saved config before the group forms, so before rank 0 rewrites it
@@ -94,18 +105,27 @@ class Trainer:
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.echo = echo if self.dist.is_main else _silent
         self.progress_bar = progress_bar and self.dist.is_main
-        if not resume:
-            self.dist.on_main(lambda: _prepare_new_run_dir(self.run_dir))
         self.model_config, self.config = model_config, config
-        self.dist.on_main(lambda: save_run_config(self.run_dir, model_config, config))
+        self.seq_len = config.seq_len or model_config.max_seq_len
+        if self.seq_len > model_config.max_seq_len:
+            raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}.")
+        claim = None if resume else self.dist.on_main(lambda: _claim_run_dir(self.run_dir, overwrite, self.echo))
+        try:
+            self._set_up(resume, checkpoint)
+        except BaseException:
+            if claim is not None and self.dist.is_main:
+                claim.abandon()
+            raise
+
+    def _set_up(self, resume: bool, checkpoint: str | None) -> None:
+        model_config, config = self.model_config, self.config
+        if not resume:  # a resume records its (new) budget only once its checkpoint has loaded
+            self.dist.on_main(lambda: save_run_config(self.run_dir, model_config, config))
         self.device = self.dist.device
         torch.manual_seed(config.seed)
 
         data_dir = self.dist.on_main(self._prepare_data)  # rank 0 tokenizes (once per run); the others wait
         self.tokenizer = load_tokenizer(data_dir)
-        self.seq_len = config.seq_len or model_config.max_seq_len
-        if self.seq_len > model_config.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}.")
         self.train_store = ShardStore.open(data_dir, "train")
         self.packer = self.rank_packer(self.rank, self.world_size)
         self.val_batches = self.dist.shard_batches(self._validation_batches(data_dir))
@@ -125,7 +145,13 @@ class Trainer:
         self.last_val: dict[int, float] = {}
         self._stop_requested = False
         self._consecutive_skips = 0
-        events = self._resume(checkpoint) if resume else []
+        self._consecutive_diverged = 0
+        self._checkpoint_failures = 0
+        self._checkpointed: tuple[int, Path] | None = None  # (step, path) of the checkpoint last written or read
+        events = []
+        if resume:
+            events = self._resume(checkpoint)
+            self.dist.on_main(lambda: save_run_config(self.run_dir, self.model_config, self.config))
         if self.dist.is_main:
             self.metrics_file = (self.run_dir / METRICS_FILE).open("a")
             self.loggers = _optional_loggers(self.config, self.run_dir)
@@ -158,7 +184,8 @@ class Trainer:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.model_config.vocab_size}; use --set vocab_size={tokenizer.vocab_size} (or larger)."
             )
-        tokenizer.save(self.run_dir)
+        _check_tokens(data_dir, tokenizer)
+        _save_tokenizer(tokenizer, self.run_dir)
         return data_dir
 
     def rank_packer(self, rank: int, world_size: int) -> BestFitPacker:
@@ -172,11 +199,10 @@ class Trainer:
         """The validation batches (the same on every rank; `shard_batches` gives each rank its share)."""
         if self.config.eval_batches == 0:
             return []
-        try:
-            store = ShardStore.open(data_dir, "val")
-        except (ValueError, FileNotFoundError):
+        if not (data_dir / "val" / INDEX_FILE).is_file():  # a damaged split is an error (ShardStore.open says which)
             self.echo("note: no validation split; validation is skipped.")
             return []
+        store = ShardStore.open(data_dir, "val")
         batches = list(val_batches(store, self.seq_len, self.config.batch_size, self.config.eval_batches,
                                    pad_id=self.tokenizer.pad_id))  # fmt: skip
         if not batches:
@@ -191,6 +217,7 @@ class Trainer:
         events = self._restore_data_position(state)
         self.loss_ema = state.get("loss_ema")
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"]["torch"])), dtype=torch.uint8))
+        self._checkpointed = (self.progress.step, path)
         if self.dist.is_main:
             _truncate_metrics(self.run_dir / METRICS_FILE, self.progress.step)
         self.echo(f"resumed from {path.name} (step {self.progress.step}, {self.progress.tokens:,} tokens)")
@@ -203,9 +230,24 @@ class Trainer:
                 raise CheckpointError(f"no checkpoint {checkpoint} in {self.checkpoints.root}")
             return path
         path = self.checkpoints.latest()
-        if path is None:
-            raise CheckpointError(f"{self.run_dir} has no checkpoint to resume from")
-        return path
+        if path is not None and path.is_dir():
+            return path  # verified when it is read
+        # No pointer: a crash between the first checkpoint's rename and the pointer's write (or a deletion).
+        # A pointer naming nothing: damage. Either way, name the newest intact checkpoint rather than guess.
+        newest = self.checkpoints.newest_valid()
+        if newest is not None:
+            problem = (
+                "has no checkpoint pointer (checkpoints/latest is missing)" if path is None
+                else f"has a checkpoint pointer naming {path.name!r}, which does not exist"
+            )  # fmt: skip
+            raise CheckpointError(
+                f"{self.run_dir} {problem}; the newest intact checkpoint is {newest.name}: resume from it with "
+                f"--checkpoint {newest.name}"
+            )
+        raise CheckpointError(
+            f"{self.run_dir} has no checkpoint to resume from (it stopped before its first one); "
+            "start it again with --overwrite"
+        )
 
     def _restore_data_position(self, state: dict[str, Any]) -> list[dict[str, Any]]:
         """The packer where the run left off; at another world size also keep the global batch if possible."""
@@ -216,8 +258,7 @@ class Trainer:
         before, cfg = len(saved), self.config
         rows = cfg.grad_accum * before
         if rows % self.world_size == 0:  # batch_size × grad_accum × world size stays what it was
-            self.config = dataclasses.replace(cfg, grad_accum=rows // self.world_size)
-            self.dist.on_main(lambda: save_run_config(self.run_dir, self.model_config, self.config))
+            self.config = dataclasses.replace(cfg, grad_accum=rows // self.world_size)  # saved once resumed
             batch = f"grad_accum {cfg.grad_accum} → {self.config.grad_accum} keeps the global batch"
         else:
             batch = (
@@ -258,12 +299,12 @@ class Trainer:
         try:
             self._train_loop()
             if self._stop_requested:
-                path = self._save_checkpoint()
+                path = self._final_checkpoint()
                 self.echo(f"stopped at step {self.progress.step}; checkpoint {path.name} saved. Resume with --resume.")
             else:
                 if self.val_batches and self.progress.step % cfg.eval_every:
                     self._validate()
-                self._save_checkpoint()
+                self._final_checkpoint()
             return self._write_summary(interrupted=self._stop_requested)
         finally:
             # Drop the DDP wrapper before leaving the group: were its C++ reducer the group's last owner, freeing
@@ -321,9 +362,9 @@ class Trainer:
                 progress.micro_step += 1
                 progress.tokens += inputs.numel() * self.world_size
                 loss = out.loss.float()
+                metrics.append(out.metrics)  # also of a non-finite step: ‖h_T‖ is what diagnoses it
                 if torch.isfinite(loss):
                     losses.append(loss.item())
-                    metrics.append(out.metrics)
                 else:
                     finite = False
                 # Backward even through a non-finite loss: the step is skipped anyway, and every rank must
@@ -372,15 +413,21 @@ class Trainer:
             self._log({**record, "event": "skip"})
             self.echo(f"step {progress.step}: non-finite loss or gradient, step skipped ({progress.skipped} so far)")
             if self._consecutive_skips >= cfg.max_consecutive_skips:
-                raise TrainingError(self._divergence_message(record))
+                raise TrainingError(
+                    self._divergence_message(record, f"{self._consecutive_skips} consecutive steps had a non-finite "
+                                                     "loss or gradient")
+                )  # fmt: skip
         else:
             self._check_spike(record)
-        if progress.step % cfg.log_every == 0 or progress.step == 1:
+        logged = progress.step % cfg.log_every == 0 or progress.step == 1
+        if logged:
             self._log(record)
+        if not record["skipped"]:
+            self._check_divergence(record, logged)
         if self.val_batches and progress.step % cfg.eval_every == 0:
             self._validate()
         if progress.step % cfg.checkpoint_every == 0:
-            self._save_checkpoint()
+            self._periodic_checkpoint()
         if bar is not None:
             self._update_bar(bar, record)
 
@@ -415,10 +462,28 @@ class Trainer:
         self._log({"event": "rollback", "step": progress.step, "to": path.name})
         self.echo(f"rolled back weights to {path.name}; the data stream continues from step {progress.step}.")
 
-    def _divergence_message(self, record: dict[str, Any]) -> str:
+    def _check_divergence(self, record: dict[str, Any], logged: bool) -> None:
+        """A finite divergence: the loss stays above `divergence_factor` × ln(V), worse than guessing uniformly
+        (a fresh model starts near ln V). Such a run does not recover by itself, and without this guard it
+        would train on to the end with finite, meaningless numbers."""
+        factor = self.config.divergence_factor
+        bound = factor * math.log(self.model_config.vocab_size)
+        if factor <= 0 or not record["loss"] > bound:
+            self._consecutive_diverged = 0
+            return
+        self._consecutive_diverged += 1
+        if self._consecutive_diverged >= self.config.max_consecutive_skips:
+            what = (
+                f"the training loss stayed above {factor:g} × ln {self.model_config.vocab_size} = {bound:.2f} "
+                f"(worse than guessing uniformly) for {self._consecutive_diverged} consecutive steps"
+            )
+            if not logged:  # metrics.jsonl shows the step that stopped the run
+                self._log(record)
+            raise TrainingError(f"{self._divergence_message(record, what)} (--set divergence_factor=0 disables this)")
+
+    def _divergence_message(self, record: dict[str, Any], what: str) -> str:
         return (
-            f"{self._consecutive_skips} consecutive steps had a non-finite loss or gradient; stopping at step "
-            f"{self.progress.step}. Likely cause: {self._state_diagnosis(record)}. "
+            f"{what}; stopping at step {self.progress.step}. Likely cause: {self._state_diagnosis(record)}. "
             "Lower the learning rate or use injection=diagonal (ρ(Ā) < 1)."
         )
 
@@ -456,6 +521,37 @@ class Trainer:
         with self.dist.full_parameters(self.model):
             return float(self.model.injection.spectral_radius())
 
+    def _periodic_checkpoint(self) -> None:
+        """A write that fails (disk full, …) leaves the earlier checkpoints intact (CheckpointManager.save);
+        training goes on and the next interval tries again, since the cause may pass and stopping would lose
+        the steps since the last checkpoint anyway. MAX_CHECKPOINT_FAILURES failures in a row stop the run:
+        training on while nothing can be saved only grows what a crash would lose."""
+        try:
+            self._save_checkpoint()
+        except CheckpointWriteError as err:
+            self._checkpoint_failures += 1
+            self._log({"event": "checkpoint_failed", "step": self.progress.step, "error": str(err)})
+            if self._checkpoint_failures >= MAX_CHECKPOINT_FAILURES:
+                failures = f"{self._checkpoint_failures} checkpoint writes failed in a row; stopping"
+                raise CheckpointWriteError(f"{err} ({failures}){self._resume_hint()}") from None
+            retry = self.progress.step + self.config.checkpoint_every
+            self.echo(f"warning: {err}. Training continues; the next checkpoint is tried at step {retry}.")
+        else:
+            self._checkpoint_failures = 0
+
+    def _final_checkpoint(self) -> Path:
+        """The checkpoint of the step training ends at (not written again if the last interval saved it)."""
+        if self._checkpointed is not None and self._checkpointed[0] == self.progress.step:
+            return self._checkpointed[1]
+        try:
+            return self._save_checkpoint()
+        except CheckpointWriteError as err:
+            raise CheckpointWriteError(f"{err}{self._resume_hint()}") from None
+
+    def _resume_hint(self) -> str:
+        latest = self.checkpoints.latest()
+        return f"; once the cause is fixed, --resume {self.run_dir} continues from {latest.name}" if latest else ""
+
     def _save_checkpoint(self) -> Path:
         packers = self.dist.all_gather_object(self.packer.state_dict())  # every rank's data position
         state = {
@@ -466,6 +562,7 @@ class Trainer:
             "last_val": {str(k): v for k, v in self.last_val.items()},
         }
         path = self.dist.save_checkpoint(self.checkpoints, self.progress.step, self.model, self.optimizer, state)
+        self._checkpointed = (self.progress.step, path)
         self._log({"event": "checkpoint", "step": self.progress.step, "path": path.name})
         return path
 
@@ -527,16 +624,93 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
-def _prepare_new_run_dir(run_dir: Path) -> None:
-    if (run_dir / "run_config.json").exists():
-        raise ValueError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --out.")
+@dataclass
+class _RunDirClaim:
+    """What starting a new run did to its directory, so that a start that fails can undo it."""
+
+    run_dir: Path
+    existed: bool  # the directory was there before (possibly with unrelated files of the user's)
+    before: frozenset[str]  # its entries then
+    aside: Path | None  # where --overwrite renamed a previous run to
+
+    def abandon(self) -> None:
+        """Remove what the failed start created; put a run that --overwrite renamed back in place."""
+        with contextlib.suppress(OSError):
+            if not self.existed:
+                shutil.rmtree(self.run_dir)
+            else:  # only what is new: the user's own files stay
+                for name in set(os.listdir(self.run_dir)) - self.before:
+                    path = self.run_dir / name
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if self.aside is not None:
+            with contextlib.suppress(OSError):  # if it cannot move back, it stays where the message said
+                self.aside.rename(self.run_dir)
+
+
+def _claim_run_dir(run_dir: Path, overwrite: bool, echo: Callable[[str], None]) -> _RunDirClaim:
+    """Check that a new run may use `run_dir`, create it, and (with `overwrite`) move a previous run aside.
+
+    Nothing a user wrote is ever overwritten: a directory that holds a run is refused unless `overwrite`
+    (then renamed to RUN.old-K, never deleted); one that holds other files that a run would write
+    (tokenizer.json, data/, …) is refused outright; unrelated files (notes, scripts) are left alone."""
+    aside = None
+    if (run_dir / RUN_CONFIG).exists():
+        if not overwrite:
+            raise ValueError(
+                f"{run_dir} already holds a run; resume it with --resume {run_dir}, choose another --out, or "
+                "pass --overwrite to move it aside."
+            )
+        k = 1
+        while (aside := run_dir.with_name(f"{run_dir.name}.old-{k}")).exists():
+            k += 1
+        try:
+            run_dir.rename(aside)
+        except OSError as err:
+            raise ValueError(f"cannot move the run in {run_dir} aside: {err.strerror or err}.") from None
+        echo(f"--overwrite: moved the previous run in {run_dir} to {aside} (delete it when no longer needed)")
+    elif run_dir.is_dir():
+        taken = sorted(name for name in RUN_FILES if (run_dir / name).exists())
+        if taken:
+            raise ValueError(
+                f"{run_dir} holds no run but has {', '.join(taken)}, which a run would overwrite; choose another --out."
+            )
+    existed = run_dir.is_dir()
     try:
+        before = frozenset(os.listdir(run_dir)) if existed else frozenset()
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
+        claim = _RunDirClaim(run_dir, existed, before, aside)
+        if aside is not None:
+            claim.abandon()
         raise ValueError(f"cannot write to --out {run_dir}: {err.strerror or err}.") from None
+    return _RunDirClaim(run_dir, existed, before, aside)
+
+
+def _check_tokens(data_dir: Path, tokenizer: Tokenizer) -> None:
+    """The shards must be intact (SHA-256, read once per start) and tokenized by this very tokenizer:
+    anything else would train on silently wrong tokens."""
+    for split in ("train", "val"):
+        if split == "val" and not (data_dir / split / INDEX_FILE).is_file():
+            continue
+        store = ShardStore.open(data_dir, split)
+        store.verify()
+        index = store.index
+        saved = (index.get("vocab_size"), index.get("bos_id"), index.get("pad_id"))
+        if saved != (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.pad_id):
+            raise ValueError(
+                f"{data_dir / split} was tokenized with another tokenizer (vocab_size, bos, pad = {saved}) than "
+                f"{data_dir / TOKENIZER_FILE} ({tokenizer.vocab_size}, {tokenizer.bos_id}, {tokenizer.pad_id}); "
+                "prepare the data again."
+            )
+
+
+def _save_tokenizer(tokenizer: Tokenizer, run_dir: Path) -> None:
+    """`RUN/tokenizer.json`, replaced atomically (it is rewritten on every start, resumes included)."""
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".tokenizer-") as tmp:
+        os.replace(tokenizer.save(tmp), run_dir / TOKENIZER_FILE)
 
 
 def _with_budget(saved: TrainConfig, requested: TrainConfig | None) -> TrainConfig:
@@ -567,12 +741,20 @@ def _jsonable(value: Any) -> Any:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint we resume from: the resumed run logs them again."""
+    """Drop log lines of steps after the checkpoint we resume from: the resumed run logs them again.
+    A line cut short by a crash is dropped too; the file is replaced atomically."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("step", 0) <= step:
+            kept.append(line)
     kept.append(json.dumps({"event": "resume", "step": step}))
-    path.write_text("\n".join(kept) + "\n")
+    write_atomic(path, "\n".join(kept) + "\n")
 
 
 def _install_stop_handlers(trainer: Trainer, interrupt: bool) -> dict[int, Any]:
