@@ -174,3 +174,20 @@ RIGHT_PADDED = torch.tensor([[1, 1, 0], [1, 1, 1]])
 def test_bad_input_is_one_clear_error(make, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make(model_for())
+
+
+@pytest.mark.parametrize("exit_spec", [None, "latent:0.15"])
+def test_last_logits_only_returns_the_last_position_and_caches_every_one(exit_spec: str | None) -> None:
+    model = model_for()
+    x = ids(2, 12)
+    criterion = ExitCriterion.parse(f"{exit_spec},max=4") if exit_spec else None
+    outputs = []
+    for last_only in (False, True):
+        cache = model.new_cache(2, 12, max_steps=4)
+        prefill = model.forward_cached(x[:, :9], cache, exit=criterion, num_steps=4, last_logits_only=last_only)
+        after = model.forward_cached(x[:, 9:], cache, exit=criterion, num_steps=4)
+        outputs.append((prefill.logits, after.logits))
+    (full_prefill, full_after), (last_prefill, last_after) = outputs
+    assert last_prefill.shape == (2, 1, model.config.vocab_size)
+    torch.testing.assert_close(last_prefill, full_prefill[:, -1:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(last_after, full_after, atol=1e-6, rtol=0)  # the cache holds every position

@@ -9,6 +9,14 @@ A *row* is one sequence to score: its tokens and the index of its first scored t
 into batches; the labels of padding and of unscored (context) positions are IGNORE_INDEX. Attention is
 causal and the model seeds h₀ per position (the same vector for every row), so neither padding nor a row's
 batch neighbours change its scores: batched and one-at-a-time scoring agree.
+
+Prompt sharing (`score_groups`' default for a `Parcae`): rows that feed the same context tokens — the options
+of a multiple-choice example, or lm-eval requests with one context — run that context once through the KV
+cache (`full` policy, the fixed depth), copy its cache row per continuation (`KVCache.select_rows`) and then
+run only the continuations. A cached forward at a fixed depth equals the full forward, so the scores do not
+change (up to float rounding), while a 10-shot 4-way example feeds its prompt once instead of four times.
+The first continuation token is scored from the context's last position. Rows with a context of their own
+(language modeling, schema options) keep the one-pass path: two forwards would gain nothing there.
 """
 
 from __future__ import annotations
@@ -23,10 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model.parcae import IGNORE_INDEX
+from ..model.parcae import IGNORE_INDEX, Parcae
 
 # Logit elements converted to fp32 at once when computing per-token losses (32 Mi floats = 128 MiB).
 _LOGIT_CHUNK_ELEMENTS = 1 << 25
+# KV-cache bytes one batch of shared prompts may fill (rows × columns × bytes per cached token). A looped model
+# caches every iteration's K/V, so a batch that fits at T = 4 may not at T = 32: such batches are split.
+_KV_CACHE_BYTES = 1 << 32
 T = TypeVar("T")
 
 
@@ -78,10 +89,15 @@ def token_scores(
     inputs, labels = inputs.to(device), labels.to(device)
     steps = num_steps if model.config.is_looped else None
     out = model(inputs, num_steps=steps, state_seed=state_seed)
-    logits = out.logits
+    nll, greedy = _logit_scores(out.logits, labels, vocab_limit)
+    return TokenScores(nll=nll, greedy=greedy, metrics=out.metrics)
+
+
+def _logit_scores(logits: Tensor, labels: Tensor, vocab_limit: int | None) -> tuple[Tensor, Tensor]:
+    """(nll, greedy) [B, L] of `labels` under `logits` [B, L, V], a few rows at a time in fp32."""
     batch, length, vocab = logits.shape
-    nll = torch.zeros(batch, length, dtype=torch.float32, device=device)
-    greedy = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    nll = torch.zeros(batch, length, dtype=torch.float32, device=logits.device)
+    greedy = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
     rows = max(1, _LOGIT_CHUNK_ELEMENTS // max(1, length * vocab))
     for start in range(0, batch, rows):
         chunk, targets = logits[start : start + rows].float(), labels[start : start + rows]
@@ -89,7 +105,7 @@ def token_scores(
         nll[start : start + rows] = losses.view_as(targets)
         best = chunk[..., :vocab_limit].argmax(dim=-1) if vocab_limit else chunk.argmax(dim=-1)
         greedy[start : start + rows] = (best == targets) & (targets != IGNORE_INDEX)
-    return TokenScores(nll=nll, greedy=greedy, metrics=out.metrics)
+    return nll, greedy
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -149,11 +165,109 @@ def score_rows(
         inputs[i, : len(tokens) - 1] = tokens[:-1]
         labels[i, row.start - 1 : len(tokens) - 1] = tokens[row.start :]
     scores = token_scores(model, inputs, labels, num_steps=num_steps, state_seed=state_seed, vocab_limit=vocab_limit)
+    return _row_scores(scores.nll, scores.greedy, labels.to(scores.nll.device))
+
+
+def _row_scores(nll: Tensor, greedy: Tensor, labels: Tensor) -> list[RowScore]:
+    """Per-row sums of per-token scores [R, L] over the labelled positions."""
     scored = labels != IGNORE_INDEX
-    nll = scores.nll.sum(dim=1).tolist()
+    totals = nll.sum(dim=1).tolist()
     counts = scored.sum(dim=1).tolist()
-    greedy = (scores.greedy == scored).all(dim=1).tolist()
-    return [RowScore(nll=n, count=c, greedy=g) for n, c, g in zip(nll, counts, greedy, strict=True)]
+    all_greedy = (greedy == scored).all(dim=1).tolist()
+    return [RowScore(nll=n, count=c, greedy=g) for n, c, g in zip(totals, counts, all_greedy, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------- shared prompts
+@dataclass(frozen=True)
+class SharedPrompt:
+    """Rows that feed the same context tokens: the context runs once, then each row's continuation."""
+
+    context: np.ndarray  # int64, the rows' common tokens[: start]
+    continuations: tuple[np.ndarray, ...]  # each row's tokens[start :] (≥ 1 token, all scored)
+    rows: tuple[int, ...]  # the rows' indices in the list given to `share_prompts`
+
+    @property
+    def columns(self) -> int:
+        """Cache columns of its longest row (the last continuation token is only a label, never fed)."""
+        return len(self.context) + max(len(c) for c in self.continuations) - 1
+
+
+def share_prompts(rows: Sequence[Row]) -> list[SharedPrompt]:
+    """`rows` grouped by identical context tokens (the split `make_row` chose), in order of first appearance."""
+    members: dict[bytes, list[int]] = {}
+    for i, row in enumerate(rows):
+        members.setdefault(np.asarray(row.tokens[: row.start], dtype=np.int64).tobytes(), []).append(i)
+    return [
+        SharedPrompt(
+            context=np.asarray(rows[m[0]].tokens[: rows[m[0]].start], dtype=np.int64),
+            continuations=tuple(np.asarray(rows[i].tokens[rows[i].start :], dtype=np.int64) for i in m),
+            rows=tuple(m),
+        )
+        for m in members.values()
+    ]
+
+
+@torch.inference_mode()
+def score_shared(
+    model: Parcae,
+    prompts: Sequence[SharedPrompt],
+    *,
+    num_steps: int | None,
+    state_seed: int,
+    pad_id: int,
+    vocab_limit: int | None = None,
+) -> list[list[RowScore]]:
+    """Scores of every continuation of every prompt: one cached forward over the contexts, one over the
+    continuations. The model must already be in eval mode (see `evaluating`).
+
+    Contexts are left-padded (the cache shifts each row's positions and masks its padding), so every row's last
+    context token sits in the last column and every continuation starts in the same column; continuations are
+    right-padded, and causal attention keeps their padding out of the scored positions.
+    """
+    device = model_device(model)
+    steps = num_steps if model.config.is_looped else None
+    width = max(len(p.context) for p in prompts)
+    contexts = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    real = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, prompt in enumerate(prompts):
+        contexts[i, width - len(prompt.context) :] = torch.from_numpy(prompt.context)
+        real[i, width - len(prompt.context) :] = True
+    continuations = [torch.from_numpy(c) for p in prompts for c in p.continuations]
+    span = max(len(c) for c in continuations)  # label columns; the last label is never fed
+    labels = torch.full((len(continuations), span), IGNORE_INDEX, dtype=torch.long)
+    inputs = torch.full((len(continuations), span - 1), pad_id, dtype=torch.long)
+    for r, tokens in enumerate(continuations):
+        labels[r, : len(tokens)] = tokens
+        inputs[r, : len(tokens) - 1] = tokens[:-1]
+
+    cache = model.new_cache(len(prompts), width + span - 1, max_steps=steps)  # room for the continuations
+    run = {"num_steps": steps, "state_seed": state_seed}
+    last = model.forward_cached(
+        contexts.to(device), cache, attention_mask=real.to(device), last_logits_only=True, **run
+    ).logits[:, -1]
+    owners = torch.tensor([i for i, p in enumerate(prompts) for _ in p.continuations], device=device)
+    logits = [last[owners, None]]  # position 0: the first continuation token, predicted by the context
+    if span > 1:
+        logits.append(model.forward_cached(inputs.to(device), cache.select_rows(owners), **run).logits)
+    labels = labels.to(device)
+    nll, greedy = _logit_scores(torch.cat(logits, dim=1), labels, vocab_limit)
+    scores = iter(_row_scores(nll, greedy, labels))
+    return [[next(scores) for _ in p.continuations] for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def _greedy_batches(order: Sequence[int], fits: Callable[[list[int]], bool]) -> list[list[int]]:
+    """Consecutive runs of `order`, each as long as `fits` allows (an item that fits nowhere goes alone)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for item in order:
+        if current and not fits([*current, item]):
+            batches.append(current)
+            current = []
+        current.append(item)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def pack_groups(groups: Sequence[Sequence[Row]], max_rows: int) -> list[list[int]]:
@@ -163,19 +277,24 @@ def pack_groups(groups: Sequence[Sequence[Row]], max_rows: int) -> list[list[int
     (the options of one example are always scored together).
     """
     order = sorted(range(len(groups)), key=lambda g: -max((len(r.tokens) for r in groups[g]), default=0))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    rows = 0
-    for g in order:
-        size = len(groups[g])
-        if current and rows + size > max_rows:
-            batches.append(current)
-            current, rows = [], 0
-        current.append(g)
-        rows += size
-    if current:
-        batches.append(current)
-    return batches
+    return _greedy_batches(order, lambda batch: sum(len(groups[g]) for g in batch) <= max_rows)
+
+
+def pack_prompts(
+    prompts: Sequence[SharedPrompt], max_rows: int, max_columns: int, bytes_per_token: float
+) -> list[list[int]]:
+    """Batches of prompt indices for `score_shared`, longest context first (little left padding): at most
+    `max_rows` continuations, `max_columns` cache columns (the model's context) and `_KV_CACHE_BYTES` of cache,
+    except that a prompt which alone exceeds a limit gets a batch of its own."""
+    order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p].context))
+
+    def fits(batch: list[int]) -> bool:
+        rows = sum(len(prompts[p].continuations) for p in batch)
+        width = max(len(prompts[p].context) for p in batch)
+        columns = width + max(prompts[p].columns - len(prompts[p].context) for p in batch)
+        return rows <= max_rows and columns <= max_columns and rows * columns * bytes_per_token <= _KV_CACHE_BYTES
+
+    return _greedy_batches(order, fits)
 
 
 def score_groups(
@@ -188,19 +307,37 @@ def score_groups(
     pad_id: int,
     vocab_limit: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    share: bool = True,
 ) -> list[list[RowScore]]:
     """Scores of every row of every group, in the groups' order; batches of ≤ `batch_size` rows.
 
-    `on_batch(rows)` is called after each batch (for progress bars).
+    With `share` and a `Parcae` model, rows with a common context (across groups too) are scored through
+    `score_shared`, the rest in one pass per batch (`score_rows`); without, whole groups are packed into
+    one-pass batches. The scores agree up to float rounding. `on_batch(rows)` is called after each batch
+    (for progress bars).
     """
-    results: list[list[RowScore]] = [[] for _ in groups]
+    rows = [row for group in groups for row in group]
+    scores: dict[int, RowScore] = {}  # by index in `rows`
+    common = {"num_steps": num_steps, "state_seed": state_seed, "pad_id": pad_id, "vocab_limit": vocab_limit}
+    offsets = np.cumsum([0, *(len(group) for group in groups)]).tolist()
+    plain = [list(range(offsets[g], offsets[g + 1])) for g in range(len(groups))]  # row indices per unit
+    shared: list[SharedPrompt] = []
+    if share and isinstance(model, Parcae):
+        prompts = share_prompts(rows)
+        shared = [p for p in prompts if len(p.rows) > 1]
+        plain = [list(p.rows) for p in prompts if len(p.rows) == 1]
     with evaluating(model):
-        for batch in pack_groups(groups, batch_size):
-            rows = [row for g in batch for row in groups[g]]
-            scores = iter(score_rows(model, rows, num_steps=num_steps, state_seed=state_seed, pad_id=pad_id,
-                                     vocab_limit=vocab_limit))  # fmt: skip
-            for g in batch:
-                results[g] = [next(scores) for _ in groups[g]]
+        for batch in pack_groups([[rows[i] for i in unit] for unit in plain], batch_size):
+            members = [i for unit in batch for i in plain[unit]]
+            scores.update(zip(members, score_rows(model, [rows[i] for i in members], **common), strict=True))
             if on_batch is not None:
-                on_batch(len(rows))
-    return results
+                on_batch(len(members))
+        if shared:
+            bytes_per_token = model.new_cache(1, 1, max_steps=num_steps).bytes_per_token()
+            for batch in pack_prompts(shared, batch_size, model.config.max_seq_len, bytes_per_token):
+                chosen = [shared[p] for p in batch]
+                for prompt, row_scores in zip(chosen, score_shared(model, chosen, **common), strict=True):
+                    scores.update(zip(prompt.rows, row_scores, strict=True))
+                if on_batch is not None:
+                    on_batch(sum(len(p.rows) for p in chosen))
+    return [[scores[i] for i in range(offsets[g], offsets[g + 1])] for g in range(len(groups))]

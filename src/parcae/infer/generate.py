@@ -213,7 +213,7 @@ def generate(
         for index in range(max_new_tokens):
             started = time.perf_counter()
             if index == 0:
-                out = model.forward_cached(ids, cache, attention_mask=mask, **forward)
+                out = model.forward_cached(ids, cache, attention_mask=mask, last_logits_only=True, **forward)
                 prompt_iterations = out.iterations
             else:
                 out = model.forward_cached(tokens[:, index - 1 : index], cache, **forward)

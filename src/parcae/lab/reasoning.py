@@ -311,18 +311,22 @@ def register_lab(lab: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--task", required=True, help="chain | addition | parity | pointer")
-    parser.add_argument("--train-difficulty", required=True, help="e.g. 1-6")
-    parser.add_argument("--test-difficulty", required=True, help="e.g. 1-12")
+    parser.add_argument("--train-difficulty", required=True, help="difficulties trained on, e.g. 1-6 or 1,2,4")
+    parser.add_argument("--test-difficulty", required=True, help="difficulties tested, e.g. 1-12 (beyond training)")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=positive_float, help="training time for all three models together")
-    budget.add_argument("--steps", type=positive_int, help="training steps per model")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--lr", type=positive_float, default=3e-3)
-    parser.add_argument("--test-per-difficulty", type=positive_int, default=200)
-    parser.add_argument("--preset", default="parcae-tiny")
+    budget.add_argument(
+        "--minutes", type=positive_float, help="training time for all three models together (default 10)"
+    )
+    budget.add_argument("--steps", type=positive_int, help="training steps per model (instead of --minutes)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="examples per step (default 64)")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW peak learning rate (default 3e-3)")
+    parser.add_argument(
+        "--test-per-difficulty", type=positive_int, default=200, help="test examples per difficulty (default 200)"
+    )
+    parser.add_argument("--preset", default="parcae-tiny", help="the looped model's shape (default parcae-tiny)")
     parser.add_argument("--exit", default="latent:0.01", help="adaptive-exit criterion (default latent:0.01)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and depths (default 0)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must not hold results)")
     parser.set_defaults(handler=_cmd_reasoning)
 
 

@@ -31,6 +31,7 @@ its state had stopped moving. The slots are filled accordingly (`LayerKV.keep` d
 
 from __future__ import annotations
 
+import copy as _copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -163,12 +164,15 @@ class KVCache:
         self.core = torch.zeros(
             self.num_slots, config.n_core, 2, batch_size, config.core_kv_heads, capacity, config.head_dim, **zeros
         )
-        # Per-layer K/V views, made once: a decode step asks for one per layer and iteration.
-        self._outer_views = [(layer[0], layer[1]) for layer in self.outer]
-        self._core_views = [[(layer[0], layer[1]) for layer in slot] for slot in self.core]
+        self._make_views()
         self.length = 0
         self.padding: Tensor | None = None  # [B] left-padding columns per row, set by the first chunk
         self._chunk: Chunk | None = None
+
+    def _make_views(self) -> None:
+        """Per-layer K/V views, made once per storage: a decode step asks for one per layer and iteration."""
+        self._outer_views = [(layer[0], layer[1]) for layer in self.outer]
+        self._core_views = [[(layer[0], layer[1]) for layer in slot] for slot in self.core]
 
     def nbytes(self) -> int:
         """Bytes held by the cache's tensors (all preallocated)."""
@@ -225,6 +229,30 @@ class KVCache:
         if self._chunk is not None:
             self.length = self._chunk.end
             self._chunk = None
+
+    def select_rows(self, index: Tensor | list[int]) -> KVCache:
+        """A new cache whose row i is a copy of row `index[i]` of this one (rows may repeat), with the same
+        capacity, policy, filled columns and left padding.
+
+        Prefix sharing: a prompt is cached once per distinct prompt (with room for what follows), then copied to
+        one row per continuation, and each row goes on independently. One gather copies the whole capacity:
+        cheaper than filling a fresh cache and copying the filled columns into it.
+        """
+        if self._chunk is not None:
+            raise RuntimeError("commit the current chunk before copying cache rows.")
+        index = torch.as_tensor(index, dtype=torch.long, device=self.outer.device)
+        if index.dim() != 1 or index.numel() == 0:
+            raise ValueError(f"select_rows needs a non-empty 1-d list of row indices, got shape {tuple(index.shape)}.")
+        if bool(((index < 0) | (index >= self.batch_size)).any()):
+            raise ValueError(f"row indices must lie in [0, {self.batch_size}), got {index.tolist()}.")
+        copy = _copy.copy(self)  # config, policy, slots, capacity and length carry over
+        copy.batch_size = index.numel()
+        copy.outer = self.outer.index_select(2, index)  # the batch dimension: 2 in `outer`, 3 in `core`
+        copy.core = self.core.index_select(3, index)
+        copy._make_views()
+        padding = None if self.padding is None else self.padding[index]
+        copy.padding = padding if padding is not None and bool(padding.any()) else None
+        return copy
 
     # ------------------------------------------------------------------ slots
     def outer_layer(self, index: int) -> LayerKV:

@@ -322,6 +322,7 @@ class Parcae(nn.Module):
         exit: ExitCriterion | None = None,
         attention_mask: Tensor | None = None,
         state_seed: int = 0,
+        last_logits_only: bool = False,
     ) -> CachedOutput:
         """Inference over a chunk of new tokens [B, n] — the prompt in one forward, then one token per decode
         step — reading and extending `cache`.
@@ -330,7 +331,8 @@ class Parcae(nn.Module):
         `full` policy and no exit, the logits equal the full-sequence eval forward's (same `state_seed`) at
         every position. Depth: `num_steps` (default μ_rec); with `exit`, up to that many iterations per token
         (tokens that stopped are frozen while others continue). `attention_mask` [B, n], first chunk only:
-        0 marks left padding.
+        0 marks left padding. `last_logits_only`: logits [B, 1, V] of the last position only (a prefill's next
+        token; every position still runs and is cached), sparing the vocabulary projection of the others.
         """
         cfg = self.config
         batch, n = self._check_inputs(input_ids, None)
@@ -385,13 +387,21 @@ class Parcae(nn.Module):
             if chunk.real is not None:
                 iterations *= chunk.real
         if logits is None:
-            logits = self._cached_head(x, cos, sin, value_embeds, cache)
+            logits = self._cached_head(x, cos, sin, value_embeds, cache, last_logits_only)
             coda_passes += 1
+        elif last_logits_only:  # an exit probe's logits: already computed for every position
+            logits = logits[:, -1:]
         cache.commit()
         return CachedOutput(logits=logits, iterations=iterations, coda_passes=coda_passes)
 
     def _cached_head(
-        self, x: Tensor, cos: Tensor, sin: Tensor, value_embeds: dict[int, Tensor], cache: KVCache
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        value_embeds: dict[int, Tensor],
+        cache: KVCache,
+        last_only: bool = False,
     ) -> Tensor:
         """Readout C (looped models) → coda (with its cache slots) → final norm → logits."""
         cfg = self.config
@@ -400,6 +410,8 @@ class Parcae(nn.Module):
         for j, block in enumerate(self.coda):
             layer = cfg.n_prelude + cfg.n_core + j
             x = block(x, cos, sin, value_embeds.get(layer), cache.outer_layer(cfg.n_prelude + j))
+        if last_only:  # the coda above ran on every position: its keys and values are cached for later tokens
+            x = x[:, -1:]
         return self.lm_head(self.final_norm(x))
 
     def _inference_depth(self, num_steps: int | None, exit: ExitCriterion | None) -> int:
