@@ -337,3 +337,19 @@ def test_half_relu_square_matches_autograd_in_every_mode() -> None:
     torch.testing.assert_close(ours, expected)
     batched = torch.func.vmap(HalfReluSquare.apply)(z.detach())
     torch.testing.assert_close(batched, reference(z.detach()))
+
+
+@pytest.mark.parametrize("variant", ["diagonal", "linear", "swiglu-gqa", "transformer"])
+def test_logits_by_depth_equals_one_forward_per_depth(variant: str) -> None:
+    torch.manual_seed(0)
+    model = randomise(Parcae(small(**VARIANTS[variant]))).eval()
+    x = ids(3, 12)
+    by_depth = model.logits_by_depth(x, [5, 1, 3], state_seed=2)
+    assert sorted(by_depth) == [1, 3, 5]
+    for depth, logits in by_depth.items():
+        steps = depth if model.config.is_looped else None
+        torch.testing.assert_close(logits, model(x, num_steps=steps, state_seed=2).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="positive integers"):
+        model.logits_by_depth(x, [0, 2])
+    with pytest.raises(ValueError, match=r"model\.eval"):
+        model.train().logits_by_depth(x, [2])

@@ -116,15 +116,20 @@ def train_model(
 @torch.no_grad()
 def exact_match(model: Parcae, data: EncodedSet, depth: int | None, batch_size: int = 256) -> Tensor:
     """Per-example correctness [N] (bool) at test-time depth `depth` (ignored by a fixed-depth model)."""
+    return exact_match_by_depth(model, data, [depth or model.config.mean_recurrence], batch_size)[0]
+
+
+@torch.no_grad()
+def exact_match_by_depth(model: Parcae, data: EncodedSet, depths: Sequence[int], batch_size: int = 256) -> list[Tensor]:
+    """Per-example correctness [N] at each depth, from one run of the loop per batch (`Parcae.logits_by_depth`)."""
     model.eval()
-    correct = []
+    correct: dict[int, list[Tensor]] = {t: [] for t in depths}
     for start in range(0, len(data), batch_size):
         inputs, labels = data.inputs[start : start + batch_size], data.labels[start : start + batch_size]
-        steps = depth if model.config.is_looped else None
-        predictions = model(inputs, num_steps=steps).logits.argmax(-1)
         answer = labels != IGNORE_INDEX
-        correct.append(((predictions == labels) | ~answer).all(dim=1))
-    return torch.cat(correct)
+        for t, logits in model.logits_by_depth(inputs, depths).items():
+            correct[t].append(((logits.argmax(-1) == labels) | ~answer).all(dim=1))
+    return [torch.cat(correct[t]) for t in depths]
 
 
 @torch.no_grad()
@@ -194,7 +199,8 @@ def run_reasoning_lab(
     depths = list(range(1, 3 * looped.mean_recurrence + 1))
     results: dict[str, Any] = {
         "task": task.name, "train_difficulties": train_difficulties, "test_difficulties": test_difficulties,
-        "steps": steps, "batch_size": batch_size, "models": {},
+        "steps": steps, "batch_size": batch_size,
+        "test_examples": {d: int((test_set.difficulty == d).sum()) for d in test_difficulties}, "models": {},
     }  # fmt: skip
     for contestant in contestants:
         model = contestant.model
@@ -203,10 +209,13 @@ def run_reasoning_lab(
             "final_train_loss": sum(contestant.losses[-20:]) / min(20, len(contestant.losses)),
         }  # fmt: skip
         if model.config.is_looped:
+            echo(f"  {contestant.name}: exact match at T = 1 … {max(depths)}")
+            by_depth = exact_match_by_depth(model, test_set, depths)
             entry["accuracy_by_depth"] = {
-                str(t): accuracy_table(exact_match(model, test_set, t), test_set.difficulty, test_difficulties)
-                for t in depths
+                str(t): accuracy_table(correct, test_set.difficulty, test_difficulties)
+                for t, correct in zip(depths, by_depth, strict=True)
             }
+            echo(f"  {contestant.name}: adaptive exit ({exit}, at most {max(depths)} iterations)")
             criterion = ExitCriterion.parse(exit)
             correct, used = exact_match_with_exit(model, test_set, criterion, max(depths))
             entry["adaptive_exit"] = {
@@ -223,7 +232,9 @@ def run_reasoning_lab(
         results["models"][contestant.name] = entry
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    echo(format_report(results, looped.mean_recurrence))
+    report = format_report(results, looped.mean_recurrence)
+    (out / "report.md").write_text(report + "\n")
+    echo(report)
     plot_reasoning(results, looped.mean_recurrence, out)
     return results
 
@@ -250,12 +261,16 @@ def format_report(results: dict[str, Any], mean: int) -> str:
     if exit_result:
         rows.append((f"parcae {exit_result['criterion']}", exit_result["accuracy"]))
     rows += [(name, models[name]["accuracy"]) for name in models if "accuracy" in models[name]]
+
+    def cells(values: dict[int, float], scale: float, digits: int) -> str:  # "–": no test example
+        return " ".join(f"{scale * values[d]:5.{digits}f} " if d in values else f"{'–':>5} " for d in difficulties)
+
+    counts = results.get("test_examples", {})
+    lines.append(f"{'test examples':<22} " + " ".join(f"{counts.get(d, 0):>5} " for d in difficulties))
     for label, acc in rows:
-        lines.append(f"{label:<22} " + " ".join(f"{100 * acc.get(d, float('nan')):5.1f} " for d in difficulties))
+        lines.append(f"{label:<22} " + cells(acc, 100, 1))
     if exit_result:
-        used = exit_result["iterations"]
-        lines.append(f"{'iterations used (exit)':<22} " + " ".join(f"{used.get(d, float('nan')):5.2f} "
-                                                                  for d in difficulties))  # fmt: skip
+        lines.append(f"{'iterations used (exit)':<22} " + cells(exit_result["iterations"], 1, 2))
     lines.append("params / train seconds: " + ", ".join(
         f"{n} {m['params']:,} / {m['train_seconds']} s" for n, m in models.items()))  # fmt: skip
     return "\n".join(lines)

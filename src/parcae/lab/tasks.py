@@ -17,6 +17,7 @@ other) reads them directly.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import string
 from collections.abc import Callable, Iterator
@@ -133,13 +134,37 @@ def generate(task: Task, difficulty: int, count: int, seed: int, split: str) -> 
         yield task.example(difficulty, rng)
 
 
+# One instance in TEST_SHARE belongs to the test split, decided by a hash of its prompt: small instance spaces
+# (chain at difficulty 1 has 270 prompts) keep test instances that training can never draw.
+TEST_SHARE = 10
+# Draws per wanted example before giving up on a small instance space (its distinct test prompts are exhausted).
+MAX_DRAWS_PER_EXAMPLE = 20
+
+
+def is_test_instance(prompt: str, seed: int) -> bool:
+    digest = hashlib.blake2b(f"{seed}/{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % TEST_SHARE == 0
+
+
 def make_splits(
     task: Task, train: list[int], test: list[int], train_per_difficulty: int, test_per_difficulty: int, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Train and test examples; a test example whose prompt also occurs in train is dropped (never shared)."""
-    train_examples = [ex for d in train for ex in generate(task, d, train_per_difficulty, seed, "train")]
-    seen = {ex.prompt for ex in train_examples}
+    """Train and test examples that never share a prompt: every prompt belongs to one split by its hash.
+
+    Train examples are drawn with repetition (as a data stream would); test examples are distinct, up to
+    `test_per_difficulty` per difficulty (fewer where the held-out part of the instance space is smaller)."""
+    train_examples = []
+    for d in train:
+        draws = generate(task, d, train_per_difficulty * MAX_DRAWS_PER_EXAMPLE, seed, "train")
+        kept = (ex for ex in draws if not is_test_instance(ex.prompt, seed))
+        train_examples.extend(itertools.islice(kept, train_per_difficulty))
     test_examples = []
     for d in test:
-        test_examples.extend(ex for ex in generate(task, d, test_per_difficulty, seed, "test") if ex.prompt not in seen)
+        seen: set[str] = set()
+        for ex in generate(task, d, test_per_difficulty * MAX_DRAWS_PER_EXAMPLE, seed, "test"):
+            if ex.prompt not in seen and is_test_instance(ex.prompt, seed):
+                seen.add(ex.prompt)
+                test_examples.append(ex)
+                if len(seen) == test_per_difficulty:
+                    break
     return train_examples, test_examples

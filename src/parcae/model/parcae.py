@@ -166,25 +166,14 @@ class Parcae(nn.Module):
         cos, sin = self.rotary.tables(seq_len)
         value_embeds = {int(i): table(input_ids) for i, table in self.value_embeds.items()}
 
-        x = self.embed(input_ids)
-        for i, block in enumerate(self.prelude):
-            x = block(x, cos, sin, value_embeds.get(i))
+        x = self._prelude(input_ids, cos, sin, value_embeds)
 
         metrics: dict[str, Any] = {}
         if plan is not None:
             e = self.prelude_norm(x) if self.prelude_norm is not None else x
             h = self._initial_state(e, state_seed, step)
             drive, shared = self.injection.prepare(e)  # loop invariants, computed once
-            core_layers = range(cfg.n_prelude, cfg.n_prelude + cfg.n_core)
-            core_value_embeds = [value_embeds[i] for i in core_layers if i in value_embeds]
-
-            def core_step(h_rows: Tensor, drive_rows: Tensor, *ve_rows: Tensor) -> Tensor:
-                y = self.injection.step(h_rows, drive_rows, shared)
-                ve_iter = iter(ve_rows)
-                for layer, block in zip(core_layers, self.core, strict=True):
-                    y = block(y, cos, sin, next(ve_iter) if layer in value_embeds else None)
-                return y
-
+            core_step, core_value_embeds = self._core_step(cos, sin, value_embeds, shared)
             loop = run_loop(core_step, h, plan, [drive, *core_value_embeds])
             with torch.no_grad():
                 metrics = {
@@ -196,11 +185,7 @@ class Parcae(nn.Module):
                     "executed_core_passes": loop.executed_passes,
                 }
             x = self.readout(loop.state)
-
-        coda_offset = cfg.n_prelude + cfg.n_core
-        for j, block in enumerate(self.coda):
-            x = block(x, cos, sin, value_embeds.get(coda_offset + j))
-        x = self.final_norm(x)
+        x = self._coda(x, cos, sin, value_embeds)
 
         if labels is not None and not return_logits:
             return ParcaeOutput(loss=self._chunked_loss(x, labels), metrics=metrics)
@@ -210,7 +195,70 @@ class Parcae(nn.Module):
             loss = _masked_mean_ce(logits.float(), labels)
         return ParcaeOutput(loss=loss, logits=logits, metrics=metrics)
 
+    @torch.no_grad()
+    def logits_by_depth(self, input_ids: Tensor, depths: Sequence[int], *, state_seed: int = 0) -> dict[int, Tensor]:
+        """Eval logits [B, L, V] at several test-time depths from ONE run of the loop.
+
+        The state after t iterations does not depend on how many follow, so the loop runs max(depths) times
+        and readout → coda → head runs after each requested iteration: Σ depths core passes become max(depths)
+        (1 … 24: 300 → 24). Each entry equals `forward(input_ids, num_steps=t, state_seed=state_seed).logits`
+        in eval. A fixed-depth model returns its one output for every depth.
+        """
+        cfg = self.config
+        wanted = sorted(set(depths))
+        if not wanted or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in wanted):
+            raise ValueError(f"depths must be positive integers, got {list(depths)!r}.")
+        self._check_inputs(input_ids, None)
+        if self.training:
+            raise ValueError("logits_by_depth is an evaluation method: call model.eval() first.")
+        if not cfg.is_looped:
+            logits = self(input_ids).logits
+            return {t: logits for t in wanted}
+        cos, sin = self.rotary.tables(input_ids.shape[1])
+        value_embeds = {int(i): table(input_ids) for i, table in self.value_embeds.items()}
+        x = self._prelude(input_ids, cos, sin, value_embeds)
+        e = self.prelude_norm(x) if self.prelude_norm is not None else x
+        h = self._initial_state(e, state_seed, None)
+        drive, shared = self.injection.prepare(e)
+        core_step, core_value_embeds = self._core_step(cos, sin, value_embeds, shared)
+        out: dict[int, Tensor] = {}
+        for t in range(1, wanted[-1] + 1):
+            h = core_step(h, drive, *core_value_embeds)
+            if t in wanted:
+                out[t] = self.lm_head(self._coda(self.readout(h), cos, sin, value_embeds))
+        return out
+
     # ------------------------------------------------------------------ forward helpers
+    def _prelude(self, input_ids: Tensor, cos: Tensor, sin: Tensor, value_embeds: dict[int, Tensor]) -> Tensor:
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.prelude):
+            x = block(x, cos, sin, value_embeds.get(i))
+        return x
+
+    def _core_step(
+        self, cos: Tensor, sin: Tensor, value_embeds: dict[int, Tensor], shared: Any
+    ) -> tuple[Any, list[Tensor]]:
+        """One loop iteration as a function of (state rows, drive rows, *core value-embedding rows), so that the
+        compacted loop can hand it any subset of rows; and the full-batch value embeddings it takes."""
+        cfg = self.config
+        core_layers = range(cfg.n_prelude, cfg.n_prelude + cfg.n_core)
+
+        def core_step(h_rows: Tensor, drive_rows: Tensor, *ve_rows: Tensor) -> Tensor:
+            y = self.injection.step(h_rows, drive_rows, shared)
+            ve_iter = iter(ve_rows)
+            for layer, block in zip(core_layers, self.core, strict=True):
+                y = block(y, cos, sin, next(ve_iter) if layer in value_embeds else None)
+            return y
+
+        return core_step, [value_embeds[i] for i in core_layers if i in value_embeds]
+
+    def _coda(self, x: Tensor, cos: Tensor, sin: Tensor, value_embeds: dict[int, Tensor]) -> Tensor:
+        """Coda blocks → final norm (the readout, for looped models, comes before)."""
+        offset = self.config.n_prelude + self.config.n_core
+        for j, block in enumerate(self.coda):
+            x = block(x, cos, sin, value_embeds.get(offset + j))
+        return self.final_norm(x)
+
     def _check_inputs(self, input_ids: Tensor, labels: Tensor | None) -> tuple[int, int]:
         """Clear errors before any compute (one device sync for the value-range check)."""
         cfg = self.config
