@@ -150,3 +150,23 @@ def test_cli_rejects_non_positive_depths(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "somewhere", "--depths", "0,2"])
     assert exit_info.value.code == 2 and "positive integers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("with_bytes", [False, True])
+def test_one_loop_run_for_all_depths_equals_one_forward_per_depth(micro: Parcae, monkeypatch, with_bytes) -> None:
+    """`loss_by_depth` runs the loop once for every depth; the per-depth forwards (the FSDP path) must agree on
+    loss, bits per byte and the loop metrics."""
+    import parcae.eval.loss as loss_module
+
+    batches = [batch_of([TEXT, "def f(x):\n    return x"]), batch_of(["short", "x = [i for i in range(3)]"])]
+    options = {"state_seed": [0, 3], "token_bytes": TOK.token_bytes() if with_bytes else None}
+    one_pass = loss_by_depth(micro, batches, [4, 1, 2], **options)
+    monkeypatch.setattr(loss_module, "_is_fsdp", lambda model: True)
+    per_depth = loss_by_depth(micro, batches, [4, 1, 2], **options)
+    for ours, expected in zip(one_pass, per_depth, strict=True):
+        assert ours.depth == expected.depth
+        assert ours.loss == pytest.approx(expected.loss, rel=1e-5)
+        assert ours.state_norm == pytest.approx(expected.state_norm, rel=1e-5)
+        assert ours.residual == pytest.approx(expected.residual, rel=1e-5)
+        if with_bytes:
+            assert ours.bpb == pytest.approx(expected.bpb, rel=1e-5)

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..model.parcae import IGNORE_INDEX, Parcae
-from .scoring import check_depths, evaluating, model_device, token_scores
+from .scoring import check_depths, evaluating, logit_scores, model_device, token_scores
 
 Batch = tuple[Tensor, Tensor]
 
@@ -93,35 +94,69 @@ def loss_by_depth(
 
     bar = tqdm(total=len(seeds) * len(depths) * len(batches), desc="loss", unit="batch", disable=not progress)
     sums = {(depth, seed): _Sums() for depth in depths for seed in seeds}
-    with evaluating(model), bar:
-        for depth in depths:
-            for seed in seeds:
-                acc = sums[depth, seed]
-                for inputs, labels in batches:
-                    _accumulate(model, inputs.to(device), labels.to(device), depth, seed, weights, acc)
+    with evaluating(model), bar, torch.no_grad():
+        for seed in seeds:
+            for inputs, labels in batches:
+                inputs, labels = inputs.to(device), labels.to(device)
+                for depth, metrics, nll, loss in _scores_by_depth(model, inputs, labels, depths, seed, weights):
+                    _accumulate(sums[depth, seed], labels, weights, metrics, nll, loss)
                     bar.update()
     return [_summarise(depth, seeds, [sums[depth, s] for s in seeds], model.config.is_looped, weights is not None)
             for depth in depths]  # fmt: skip
 
 
+def _scores_by_depth(
+    model: Parcae, inputs: Tensor, labels: Tensor, depths: Sequence[int], seed: int, weights: Tensor | None
+) -> Iterator[tuple[int, dict[str, Any], Tensor | None, Tensor | None]]:
+    """(depth, loop metrics, per-token nll or None, mean loss or None) for each depth: per-token losses when bits
+    per byte are wanted (`weights`), else the chunked mean loss that never holds [B, L, V] logits.
+
+    One run of the loop serves every depth (`Parcae.iterate_depths`), except for an FSDP2-sharded model: it
+    gathers a module's shards only around that module's own forward, so there each depth is one forward."""
+    if _is_fsdp(model):
+        for depth in depths:
+            steps = depth if model.config.is_looped else None
+            if weights is None:
+                out = model(inputs, labels=labels, num_steps=steps, state_seed=seed, return_logits=False)
+                yield depth, out.metrics, None, out.loss
+            else:
+                scores = token_scores(model, inputs, labels, num_steps=depth, state_seed=seed)
+                yield depth, scores.metrics, scores.nll, None
+        return
+    for out in model.iterate_depths(inputs, depths, seed):
+        metrics: dict[str, Any] = {}
+        if out.state is not None and out.previous_state is not None:
+            metrics = {  # as the forward reports them: token means, then the mean over rows
+                "state_norm": out.state.float().norm(dim=-1).mean(),
+                "recurrent_residual": (out.state - out.previous_state).float().norm(dim=-1).mean(),
+            }
+        if weights is None:
+            yield out.depth, metrics, None, model.chunked_loss(out.hidden, labels)
+        else:
+            yield out.depth, metrics, logit_scores(model.lm_head(out.hidden), labels, None)[0], None
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 cannot have sharded the model
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _accumulate(
-    model: Parcae, inputs: Tensor, labels: Tensor, depth: int, seed: int, weights: Tensor | None, acc: _Sums
-) -> None:
+    acc: _Sums, labels: Tensor, weights: Tensor | None, metrics: dict[str, Any], nll: Tensor | None,
+    loss: Tensor | None,
+) -> None:  # fmt: skip
     valid = labels != IGNORE_INDEX
     n = int(valid.sum())
-    if weights is None:
-        steps = depth if model.config.is_looped else None
-        with torch.no_grad():
-            out = model(inputs, labels=labels, num_steps=steps, state_seed=seed, return_logits=False)
-        acc.nats += float(out.loss) * n
-        metrics = out.metrics
+    if nll is None:
+        acc.nats += float(loss) * n
     else:
-        scores = token_scores(model, inputs, labels, num_steps=depth, state_seed=seed)
         nbytes = weights[labels.clamp(min=0)] * valid
-        acc.nats += float(scores.nll.sum())
-        acc.text_nats += float(scores.nll[nbytes > 0].sum())
+        acc.nats += float(nll.sum())
+        acc.text_nats += float(nll[nbytes > 0].sum())
         acc.bytes += int(nbytes.sum())
-        metrics = scores.metrics
     acc.tokens += n
     if metrics:
         acc.norm += float(metrics["state_norm"]) * n

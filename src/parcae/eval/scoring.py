@@ -89,11 +89,11 @@ def token_scores(
     inputs, labels = inputs.to(device), labels.to(device)
     steps = num_steps if model.config.is_looped else None
     out = model(inputs, num_steps=steps, state_seed=state_seed)
-    nll, greedy = _logit_scores(out.logits, labels, vocab_limit)
+    nll, greedy = logit_scores(out.logits, labels, vocab_limit)
     return TokenScores(nll=nll, greedy=greedy, metrics=out.metrics)
 
 
-def _logit_scores(logits: Tensor, labels: Tensor, vocab_limit: int | None) -> tuple[Tensor, Tensor]:
+def logit_scores(logits: Tensor, labels: Tensor, vocab_limit: int | None) -> tuple[Tensor, Tensor]:
     """(nll, greedy) [B, L] of `labels` under `logits` [B, L, V], a few rows at a time in fp32."""
     batch, length, vocab = logits.shape
     nll = torch.zeros(batch, length, dtype=torch.float32, device=logits.device)
@@ -250,7 +250,7 @@ def score_shared(
     if span > 1:
         logits.append(model.forward_cached(inputs.to(device), cache.select_rows(owners), **run).logits)
     labels = labels.to(device)
-    nll, greedy = _logit_scores(torch.cat(logits, dim=1), labels, vocab_limit)
+    nll, greedy = logit_scores(torch.cat(logits, dim=1), labels, vocab_limit)
     scores = iter(_row_scores(nll, greedy, labels))
     return [[next(scores) for _ in p.continuations] for p in prompts]
 

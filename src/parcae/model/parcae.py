@@ -6,7 +6,7 @@ Read top-down: `forward` is the whole data path; the loop itself lives in `recur
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,17 @@ class ParcaeOutput:
     loss: Tensor | None = None
     logits: Tensor | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DepthOutput:
+    """One depth of `Parcae.iterate_depths`: the final-norm hidden state [B, L, d] (logits = `lm_head(hidden)`),
+    and for looped models the loop state h_t and h_{t−1}."""
+
+    depth: int
+    hidden: Tensor
+    state: Tensor | None = None
+    previous_state: Tensor | None = None
 
 
 @dataclass
@@ -188,7 +199,7 @@ class Parcae(nn.Module):
         x = self._coda(x, cos, sin, value_embeds)
 
         if labels is not None and not return_logits:
-            return ParcaeOutput(loss=self._chunked_loss(x, labels), metrics=metrics)
+            return ParcaeOutput(loss=self.chunked_loss(x, labels), metrics=metrics)
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
@@ -197,12 +208,17 @@ class Parcae(nn.Module):
 
     @torch.no_grad()
     def logits_by_depth(self, input_ids: Tensor, depths: Sequence[int], *, state_seed: int = 0) -> dict[int, Tensor]:
-        """Eval logits [B, L, V] at several test-time depths from ONE run of the loop.
+        """Eval logits [B, L, V] at several test-time depths from ONE run of the loop (see `iterate_depths`).
+        Each entry equals `forward(input_ids, num_steps=t, state_seed=state_seed).logits` in eval."""
+        return {out.depth: self.lm_head(out.hidden) for out in self.iterate_depths(input_ids, depths, state_seed)}
 
-        The state after t iterations does not depend on how many follow, so the loop runs max(depths) times
-        and readout → coda → head runs after each requested iteration: Σ depths core passes become max(depths)
-        (1 … 24: 300 → 24). Each entry equals `forward(input_ids, num_steps=t, state_seed=state_seed).logits`
-        in eval. A fixed-depth model returns its one output for every depth.
+    @torch.no_grad()
+    def iterate_depths(self, input_ids: Tensor, depths: Sequence[int], state_seed: int = 0) -> Iterator[DepthOutput]:
+        """Eval outputs at each requested test-time depth, in increasing order, from one run of the loop.
+
+        The state after t iterations does not depend on how many follow, so the loop runs max(depths) times and
+        readout → coda → final norm runs after each requested iteration: Σ depths core passes become max(depths)
+        (depths 1 … 24: 300 → 24; 1, 2, 4, 8, 16: 31 → 16). A fixed-depth model yields its one output per depth.
         """
         cfg = self.config
         wanted = sorted(set(depths))
@@ -210,23 +226,23 @@ class Parcae(nn.Module):
             raise ValueError(f"depths must be positive integers, got {list(depths)!r}.")
         self._check_inputs(input_ids, None)
         if self.training:
-            raise ValueError("logits_by_depth is an evaluation method: call model.eval() first.")
-        if not cfg.is_looped:
-            logits = self(input_ids).logits
-            return {t: logits for t in wanted}
+            raise ValueError("iterate_depths / logits_by_depth evaluate: call model.eval() first.")
         cos, sin = self.rotary.tables(input_ids.shape[1])
         value_embeds = {int(i): table(input_ids) for i, table in self.value_embeds.items()}
         x = self._prelude(input_ids, cos, sin, value_embeds)
+        if not cfg.is_looped:
+            hidden = self._coda(x, cos, sin, value_embeds)
+            yield from (DepthOutput(t, hidden) for t in wanted)
+            return
         e = self.prelude_norm(x) if self.prelude_norm is not None else x
         h = self._initial_state(e, state_seed, None)
         drive, shared = self.injection.prepare(e)
         core_step, core_value_embeds = self._core_step(cos, sin, value_embeds, shared)
-        out: dict[int, Tensor] = {}
         for t in range(1, wanted[-1] + 1):
-            h = core_step(h, drive, *core_value_embeds)
+            previous, h = h, core_step(h, drive, *core_value_embeds)
             if t in wanted:
-                out[t] = self.lm_head(self._coda(self.readout(h), cos, sin, value_embeds))
-        return out
+                hidden = self._coda(self.readout(h), cos, sin, value_embeds)
+                yield DepthOutput(t, hidden, state=h, previous_state=previous)
 
     # ------------------------------------------------------------------ forward helpers
     def _prelude(self, input_ids: Tensor, cos: Tensor, sin: Tensor, value_embeds: dict[int, Tensor]) -> Tensor:
@@ -501,7 +517,7 @@ class Parcae(nn.Module):
             attention_mask=attention_mask, vocab_limit=vocab_limit, pad_id=pad_id, state_seed=state_seed,
         )  # fmt: skip
 
-    def _chunked_loss(self, x: Tensor, labels: Tensor) -> Tensor:
+    def chunked_loss(self, x: Tensor, labels: Tensor) -> Tensor:
         """Mean CE without holding all logits: chunks of tokens, each recomputed in backward."""
         hidden, targets = x.flatten(0, 1), labels.flatten()
         chunk = max(1, _LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
