@@ -103,6 +103,7 @@ class SavedBytes:
         # Weights (and views of them, such as transposes) are not activation memory.
         self._seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
+    @torch.compiler.disable  # bookkeeping, not model code: traced, its set would guard and recompile every step
     def pack(self, tensor: Tensor) -> Tensor:
         key = tensor.untyped_storage().data_ptr()
         if key not in self._seen:
@@ -193,8 +194,7 @@ def run_config(looped_name, fixed_name, batch, seq_len, args, device, autocast) 
     ]  # fmt: skip
     if args.compile:  # every row, so that the ratio measures the execution strategy rather than the compiler
         for model in (ours, reference, fixed):
-            for block in model.blocks():
-                block.compile(dynamic=True)
+            model.compile_blocks()
     vocab = cfg.vocab_size
     print(f"\n{looped_name} vs {fixed_name}: micro-batch {batch} × {seq_len} tokens, μ_rec {cfg.mean_recurrence}")
     bound: list[float] = []

@@ -22,8 +22,7 @@ def test_compiled_blocks_match_eager_loss_and_gradients_across_depth_plans() -> 
     torch.manual_seed(0)
     eager = randomise(Parcae(small()))
     compiled = copy.deepcopy(eager)
-    for block in compiled.blocks():
-        block.compile(dynamic=True)
+    compiled.compile_blocks()
     x = ids(4, 12)
     # Different plans change how many rows each compacted iteration carries: the dynamic batch dimension.
     plans = [DepthPlan.from_depths(torch.tensor([5, 1, 3, 8]), 2), DepthPlan.from_depths(torch.tensor([2, 6, 6, 1]), 2)]

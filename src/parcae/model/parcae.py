@@ -147,6 +147,18 @@ class Parcae(nn.Module):
             scaled_orthogonal_(self.readout.weight, std)
         self.final_norm.weight.fill_(1.0)
 
+    def compile_blocks(self, recompile_limit: int = 64) -> None:
+        """`torch.compile` each block (dynamic shapes: the compacted loop hands it a different number of rows
+        every iteration). All blocks share `Block.forward`, so their variants (with or without a value embedding
+        or a cache, per shape class) count against one recompile limit; torch's default of 8 is reached by a
+        looped model, after which blocks silently run eagerly. Raised to `recompile_limit` (the official code
+        uses 64)."""
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
+        for block in self.blocks():
+            block.compile(dynamic=True)
+
     def blocks(self) -> list[Block]:
         core = list(self.core) if self.config.is_looped else []
         return [*self.prelude, *core, *self.coda]

@@ -135,8 +135,7 @@ class Trainer:
             model_config, seed=config.seed, rank=self.rank, lockstep=config.lockstep
         )
         if config.compile:
-            for block in self.model.blocks():
-                block.compile(dynamic=True)
+            self.model.compile_blocks()
         self.engine = self.dist.wrap(self.model)  # what the training forward calls (DDP wrapper / FSDP model)
         self.optimizer = self.dist.build_optimizer(self.model, config.optimizer_settings())
         self.checkpoints = CheckpointManager(self.run_dir, keep=config.keep_checkpoints)
