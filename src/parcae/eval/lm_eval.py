@@ -15,7 +15,8 @@ context), `max_gen_toks` (default 256); `--batch_size N` and `--device` are the 
 
 Behaviour. Every sequence starts with `<|bos|>` (how Parcae documents start in training); an empty
 context is the BOS alone. `loglikelihood` and `loglikelihood_rolling` are batched through
-`parcae.eval.scoring` (sorted by length, right-padded, loss masked); rolling windows are lm-eval's own
+`parcae.eval.scoring` (requests with the same context run it once through the KV cache, the others sorted by
+length, right-padded, loss masked); rolling windows are lm-eval's own
 disjoint windows of `max_length` tokens. `generate_until` is batched greedy decoding with
 `parcae.infer.generate` (KV cache, left-padded prompts truncated to `max_length − max_gen_toks`); a row
 stops at a stop string, at a special token (a document boundary) or after `max_gen_toks` tokens.
