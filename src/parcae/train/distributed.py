@@ -27,7 +27,6 @@ import gc
 import math
 import os
 import pickle
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -398,38 +397,18 @@ class ShardedMuonAdamW(MuonAdamW):
         if not any(isinstance(p, DTensor) for p in group["params"]):
             super()._muon_step(group)
             return
-        by_shape: dict[torch.Size, list[Tensor]] = defaultdict(list)
-        for p in group["params"]:
-            if p.grad is not None:
-                by_shape[p.shape].append(p)
-        beta, beta2 = group["momentum"], group["beta2"]
-        for shape, params in by_shape.items():
-            rows, cols = shape
+        beta = group["momentum"]
+        for params in self._by_shape(group):
             directions = []
             for p in params:
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)  # sharded like p
-                    reduced = (rows, 1) if rows >= cols else (1, cols)  # whole, the same on every rank
-                    state["second_moment"] = torch.zeros(reduced, dtype=torch.float32, device=p.device)
+                state = self._muon_state(p)  # sharded like p; the second moment whole, the same on every rank
                 state["momentum_buffer"].lerp_(p.grad, 1 - beta)
                 directions.append(p.grad.lerp(state["momentum_buffer"], beta).full_tensor())
-            update = orthogonalize(torch.stack(directions), group["ns_steps"]).float()
-            reduce_dim = -1 if rows >= cols else -2
-            second = torch.stack([self.state[p]["second_moment"] for p in params])
-            second.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
-            norm_before = update.norm(dim=(-2, -1), keepdim=True)
-            update = update * second.clamp_min(1e-20).rsqrt()
-            update = update * (norm_before / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-20))
-            lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
+            update = self._normuon(orthogonalize(torch.stack(directions), group["ns_steps"]).float(), params, group)
             for i, p in enumerate(params):
-                self.state[p]["second_moment"].copy_(second[i])
                 # This rank's rows of the (identical) full update: a local slice, no communication.
                 step = distribute_tensor(update[i].to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-                if group["weight_decay"]:
-                    cautious = (step * p) >= 0
-                    p.sub_(p * cautious, alpha=group["lr"] * group["weight_decay"])
-                p.sub_(step, alpha=lr)
+                self._apply_update(p, step, group)
 
 
 # ---------------------------------------------------------------------- the data stream across world sizes

@@ -127,41 +127,59 @@ class MuonAdamW(torch.optim.Optimizer):
         )  # fmt: skip
 
     def _muon_step(self, group: dict) -> None:
-        # Same-shape matrices are stacked so one batched orthogonalisation serves them all.
+        beta = group["momentum"]
+        for params in self._by_shape(group):
+            grads = torch.stack([p.grad for p in params])
+            momenta = torch.stack([self._muon_state(p)["momentum_buffer"] for p in params])
+            momenta.lerp_(grads, 1 - beta)
+            update = self._normuon(orthogonalize(grads.lerp(momenta, beta), group["ns_steps"]).float(), params, group)
+            for i, p in enumerate(params):
+                self.state[p]["momentum_buffer"].copy_(momenta[i])
+                self._apply_update(p, update[i].to(p.dtype), group)
+
+    @staticmethod
+    def _by_shape(group: dict) -> list[list[Tensor]]:
+        """The group's parameters with a gradient, by shape: same-shape matrices are stacked so that one batched
+        orthogonalisation serves them all."""
         by_shape: dict[torch.Size, list[Tensor]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is not None:
                 by_shape[p.shape].append(p)
-        beta, beta2 = group["momentum"], group["beta2"]
-        for shape, params in by_shape.items():
-            rows, cols = shape
-            grads = torch.stack([p.grad for p in params])
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                    reduced = (rows, 1) if rows >= cols else (1, cols)
-                    state["second_moment"] = torch.zeros(reduced, dtype=torch.float32, device=p.device)
-            momenta = torch.stack([self.state[p]["momentum_buffer"] for p in params])
-            momenta.lerp_(grads, 1 - beta)
-            update = orthogonalize(grads.lerp(momenta, beta), group["ns_steps"]).float()
-            # NorMuon: normalise each row (tall) / column (wide) by its running RMS, keep the overall norm.
-            reduce_dim = -1 if rows >= cols else -2
-            second = torch.stack([self.state[p]["second_moment"] for p in params])
-            second.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
-            norm_before = update.norm(dim=(-2, -1), keepdim=True)
-            update = update * second.clamp_min(1e-20).rsqrt()
-            update = update * (norm_before / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-20))
-            lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
-            for i, p in enumerate(params):
-                state = self.state[p]
-                state["momentum_buffer"].copy_(momenta[i])
-                state["second_moment"].copy_(second[i])
-                step = update[i].to(p.dtype)
-                if group["weight_decay"]:
-                    cautious = (step * p) >= 0  # decay only where the update agrees in sign with p
-                    p.sub_(p * cautious, alpha=group["lr"] * group["weight_decay"])
-                p.sub_(step, alpha=lr)
+        return list(by_shape.values())
+
+    def _muon_state(self, p: Tensor) -> dict:
+        """Momentum (shaped like p) and NorMuon's second moment (one value per row of a tall matrix, per column of
+        a wide one), created on first use."""
+        state = self.state[p]
+        if not state:
+            rows, cols = p.shape
+            state["momentum_buffer"] = torch.zeros_like(p)
+            reduced = (rows, 1) if rows >= cols else (1, cols)
+            state["second_moment"] = torch.zeros(reduced, dtype=torch.float32, device=p.device)
+        return state
+
+    def _normuon(self, update: Tensor, params: list[Tensor], group: dict) -> Tensor:
+        """NorMuon: normalise each row (tall) / column (wide) of the stacked orthogonalised updates [n, rows, cols]
+        by its running RMS, keeping each update's overall norm; updates the second moments of `params`."""
+        rows, cols = update.shape[-2:]
+        reduce_dim = -1 if rows >= cols else -2
+        second = torch.stack([self.state[p]["second_moment"] for p in params])
+        second.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1 - group["beta2"])
+        for i, p in enumerate(params):
+            self.state[p]["second_moment"].copy_(second[i])
+        norm_before = update.norm(dim=(-2, -1), keepdim=True)
+        update = update * second.clamp_min(1e-20).rsqrt()
+        return update * (norm_before / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-20))
+
+    @staticmethod
+    def _apply_update(p: Tensor, step: Tensor, group: dict) -> None:
+        """Cautious weight decay (only where the update agrees in sign with p), then the step, with the LR scaled
+        by √max(1, rows/cols)."""
+        rows, cols = p.shape
+        if group["weight_decay"]:
+            cautious = (step * p) >= 0
+            p.sub_(p * cautious, alpha=group["lr"] * group["weight_decay"])
+        p.sub_(step, alpha=group["lr"] * math.sqrt(max(1.0, rows / cols)))
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
