@@ -8,24 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli_types import int_list, positive_int
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def name_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated task names, got {text!r}")
-    return names
+from ..cli_types import int_list, name_list, non_negative_int, positive_int
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_types import EPILOG_DATA, int_list, positive_float, positive_int
+from ..cli_types import EPILOG_DATA, float_list, int_list, name_list, positive_float, positive_int
 
 _DEFAULTS = "defaults: 3 injections × LR 3e-3,1e-2,3e-2 × 200 steps + 3 ablation runs at 1e-2 (≈ 40–50 min, 2 cores)"
 
@@ -24,8 +24,8 @@ def register_lab(lab: argparse._SubParsersAction) -> None:
     stability.add_argument("--preset", default="parcae-tiny", help="model preset (default parcae-tiny)")
     stability.add_argument("--data", default="stdlib", help="data spec, tokenized once for all runs (default stdlib)")
     stability.add_argument("--out", required=True, metavar="DIR", help="lab directory (rerun to continue it)")
-    stability.add_argument("--injections", type=_names, help="comma-separated (default diagonal,add,linear)")
-    stability.add_argument("--lrs", type=_floats, help="comma-separated learning rates (default 3e-3,1e-2,3e-2)")
+    stability.add_argument("--injections", type=name_list, help="comma-separated (default diagonal,add,linear)")
+    stability.add_argument("--lrs", type=float_list, help="comma-separated learning rates (default 3e-3,1e-2,3e-2)")
     stability.add_argument("--recurrences", type=int_list, help="comma-separated μ_rec values (default: the preset's)")
     stability.add_argument("--seeds", type=positive_int, help="seeds per grid point (default 1)")
     stability.add_argument("--quick", action="store_true",
@@ -81,22 +81,5 @@ def cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
-
-
-def _names(text: str) -> list[str]:
-    values = [part.strip() for part in text.split(",") if part.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return values
-
-
 def _ablations(text: str) -> list[str]:
-    return [] if text.strip() == "none" else _names(text)
+    return [] if text.strip() == "none" else name_list(text)

@@ -7,19 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli_types import EPILOG_DATA, int_list, positive_int
+from ..cli_types import EPILOG_DATA, float_list, int_list, positive_int
 
 FIT_KINDS = ("isoflop", "params", "testtime", "unified")
-
-
-def float_list(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (e.g. 1e15,2e15), got {text!r}") from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
 
 
 def register(commands: argparse._SubParsersAction) -> None:
