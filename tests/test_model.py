@@ -194,7 +194,7 @@ def test_chunked_loss_equals_full_loss(monkeypatch) -> None:
     full.loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    monkeypatch.setattr("parcae.model.parcae._LOSS_CHUNK_ELEMENTS", 96 * 7)
+    monkeypatch.setattr("parcae.model.head.CHUNK_ELEMENTS", 96 * 7)
     chunked = model(x, labels=labels, num_steps=3, state_seed=1, return_logits=False)
     chunked.loss.backward()
     assert chunked.logits is None

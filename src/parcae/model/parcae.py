@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ParcaeConfig
 from .cache import KVCache, KVPolicy
+from .head import IGNORE_INDEX, linear_cross_entropy
 from .injection import build_injection
 from .layers import Block, RMSNorm, Rotary, scaled_orthogonal_
 from .recurrence import DepthPlan, DepthSampler, mix_seed, run_loop
@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-IGNORE_INDEX = -100
-# Logits materialised at once by the memory-saving loss path (elements; 32 Mi fp32 = 128 MiB).
-_LOSS_CHUNK_ELEMENTS = 1 << 25
 _STATE_SEED_SALT = 0x5EED  # keeps h₀'s seeded stream apart from the depth sampler's
 
 
@@ -530,18 +527,8 @@ class Parcae(nn.Module):
         )  # fmt: skip
 
     def chunked_loss(self, x: Tensor, labels: Tensor) -> Tensor:
-        """Mean CE without holding all logits: chunks of tokens, each recomputed in backward."""
-        hidden, targets = x.flatten(0, 1), labels.flatten()
-        chunk = max(1, _LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
-        if hidden.shape[0] <= chunk:
-            return _masked_mean_ce(self.lm_head(hidden).float(), targets)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk):
-            total = total + checkpoint(
-                _ce_sum, hidden[start : start + chunk], self.lm_head.weight, targets[start : start + chunk],
-                use_reentrant=False,
-            )  # fmt: skip
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        """Mean CE of the head on final hidden states x without materialising all logits (`model.head`)."""
+        return linear_cross_entropy(x, self.lm_head.weight, labels)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
@@ -626,11 +613,6 @@ def _masked_mean_ce(logits: Tensor, labels: Tensor) -> Tensor:
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def _ce_sum(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _summarise(names: list[str], limit: int = 6) -> str:
