@@ -1,7 +1,8 @@
-"""What the fused ReLU² (`HalfReluSquare`) contributes to a whole training step: parcae-tiny forward + backward with
-our MLP vs the same weights with the official composite 0.5·relu(z)², same batches and depth plans, alternating.
+"""What our fused block ops (ReLU² `HalfReluSquare`, the one-kernel RMSNorm) contribute to a whole training step:
+parcae-tiny forward + backward with our blocks vs the same weights with the official composite forms
+(`train_speed.official_ops`), same batches and depth plans, alternating.
 
-Usage: python benchmarks/relu2_step.py [--steps 6] [--warmup 2]
+Usage: python benchmarks/block_ops.py [--steps 6] [--warmup 2] [--batch 16]
 Last line: the ratio composite / fused of the median forward + backward time.
 """
 
@@ -15,25 +16,25 @@ import time
 import torch
 
 from parcae import DepthSampler, Parcae, get_preset
-from train_speed import official_mlp
+from train_speed import official_ops
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = get_preset("parcae-tiny", max_seq_len=128)
     fused = Parcae(cfg)
     composite = copy.deepcopy(fused)
-    for block in composite.blocks():
-        official_mlp(block.mlp)
+    official_ops(composite)
     sampler = DepthSampler(cfg, seed=0)
     times: dict[str, list[float]] = {"fused": [], "composite": []}
     for step in range(args.warmup + args.steps):
-        ids = torch.randint(0, cfg.vocab_size, (16, 129), generator=torch.Generator().manual_seed(step))
-        plan = sampler.sample(16, 128, step)
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, 129), generator=torch.Generator().manual_seed(step))
+        plan = sampler.sample(args.batch, 128, step)
         for name, model in (("fused", fused), ("composite", composite)):
             start = time.perf_counter()
             model(ids[:, :-1], labels=ids[:, 1:], depth_plan=plan, state_seed=step, return_logits=False).loss.backward()
@@ -41,7 +42,9 @@ def main() -> None:
             if step >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     ours, theirs = statistics.median(times["fused"]), statistics.median(times["composite"])
-    print(f"forward+backward ms, parcae-tiny 16 × 128: fused ReLU² {1000 * ours:.0f}, composite {1000 * theirs:.0f}")
+    print(
+        f"forward+backward ms, parcae-tiny {args.batch} × 128: fused {1000 * ours:.0f}, composite {1000 * theirs:.0f}"
+    )
     print(f"composite / fused: {theirs / ours:.3f}")
 
 
