@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import sysconfig
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from parcae import get_preset
 from parcae.cli import main
+from parcae.train.allocator import tune_cpu_allocator
 from parcae.train.checkpoint import CheckpointError
 from parcae.train.config import TrainConfig, build_configs, parse_overrides
 from parcae.train.trainer import Trainer, TrainingError
@@ -114,6 +116,22 @@ def test_persistent_non_finite_steps_stop_with_a_diagnosis(corpus: Path, tmp_pat
         trainer.train()
 
 
+@pytest.mark.parametrize("tune", [True, False])
+def test_cpu_training_tunes_the_allocator_unless_told_not_to(
+    tune: bool, corpus: Path, tmp_path: Path, monkeypatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr("parcae.train.trainer.tune_cpu_allocator", lambda: bool(calls.append(1)) or True)
+    model, train = small_run(corpus, steps=1, device="cpu", tune_allocator=tune)
+    Trainer(model, train, tmp_path / "run", progress_bar=False, echo=lambda _: None)
+    assert calls == ([1] if tune else [])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning applies to glibc only")
+def test_tune_cpu_allocator_applies_once_on_glibc() -> None:
+    assert tune_cpu_allocator() and tune_cpu_allocator()  # idempotent
+
+
 def test_overrides_and_config_files(tmp_path: Path) -> None:
     model, train = parse_overrides(["mean_recurrence=4", "lr=1e-3", "train.eval_depths=[1, 2]", "model.qk_norm=false"])
     assert model == {"mean_recurrence": 4, "qk_norm": False}
@@ -142,6 +160,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
         (["--preset", "parcae-micro", "--set", "depth=3"], "unknown --set key 'depth'"),
         (["--preset", "parcae-micro", "--set", "vocab_size=100"], "vocab_size"),
         (["--preset", "parcae-micro", "--set", "lr=-1"], "lr must be positive"),
+        (["--preset", "parcae-micro", "--set", "tune_allocator=maybe"], "tune_allocator"),
         (["--data", "stdlib"], "--preset"),
     ],
 )

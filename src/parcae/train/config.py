@@ -56,6 +56,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto | cpu | cuda, each rank cuda:LOCAL_RANK)
     compile: bool = False
+    # On CPU: tune glibc malloc so freed activations are reused, not re-faulted (parcae.train.allocator).
+    tune_allocator: bool = True
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded per block)
     lockstep: bool = False  # every rank draws the same depths and h₀ at a micro-step (else seeded per rank)
     # Monitoring.
@@ -107,8 +109,9 @@ class TrainConfig:
             fail(f"unknown optimizer {self.optimizer!r}; choose 'muon' or 'adamw'.")
         if self.parallel not in PARALLEL_MODES:
             fail(f"unknown parallel mode {self.parallel!r}; choose one of {', '.join(PARALLEL_MODES)}.")
-        if not isinstance(self.lockstep, bool):
-            fail(f"lockstep must be true or false, got {self.lockstep!r}.")
+        for name in ("lockstep", "tune_allocator", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.schedule not in SCHEDULES:
             fail(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         for name in ("warmup", "cooldown", "min_lr_ratio"):

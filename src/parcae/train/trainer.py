@@ -43,6 +43,7 @@ from ..data.tokenizer import TOKENIZER_FILE, Tokenizer, get_tokenizer, load_toke
 from ..eval.loss import DepthResult, loss_by_depth
 from ..model.parcae import Parcae
 from ..model.recurrence import DepthSampler
+from .allocator import tune_cpu_allocator
 from .checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, write_atomic
 from .config import RUN_CONFIG, TrainConfig, load_run_config, save_run_config
 from .distributed import DistributedContext, restore_packer
@@ -122,6 +123,8 @@ class Trainer:
         if not resume:  # a resume records its (new) budget only once its checkpoint has loaded
             self.dist.on_main(lambda: save_run_config(self.run_dir, model_config, config))
         self.device = self.dist.device
+        if self.device.type == "cpu" and config.tune_allocator:
+            tune_cpu_allocator()
         torch.manual_seed(config.seed)
 
         data_dir = self.dist.on_main(self._prepare_data)  # rank 0 tokenizes (once per run); the others wait
