@@ -35,6 +35,7 @@ from torch import Tensor
 
 from parcae import DepthPlan, DepthSampler, Parcae, get_preset
 from parcae.model.layers import RMSNorm
+from parcae.scaling.flops import flops_per_token
 from parcae.train.allocator import tune_cpu_allocator
 from parcae.train.optim import OptimizerSettings, build_optimizer
 
@@ -81,6 +82,24 @@ def official_forward(model: Parcae, ids: Tensor, labels: Tensor, plan: DepthPlan
         x = block(x, cos, sin, model.value_embeds[key](ids) if key in model.value_embeds else None)
     logits = model.lm_head(model.final_norm(x)).float()  # [B, L, V] in fp32, all at once
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s) for MFU, by device name; anything else needs --peak-tflops.
+PEAK_TFLOPS = {"NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA A100-SXM4-80GB": 312.0}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def useful_flops_per_token(row: Row, plan: DepthPlan, seq_len: int) -> float:
+    """Training FLOPs per token of the work the step was asked for: the sampled depths (the official way's masked
+    passes are waste, not useful work); the fixed-depth row has no loop."""
+    cfg = row.model.config
+    if not cfg.is_looped:
+        return flops_per_token(cfg, seq_len, causal=True).total
+    no_grad, grad = float(plan.no_grad.float().mean()), float(plan.grad.float().mean())
+    return flops_per_token(cfg, seq_len, no_grad=no_grad, grad=grad, causal=True).total
 
 
 def official_ops(model: Parcae) -> None:
@@ -135,6 +154,7 @@ class Row:
     times: list[float]
     memory: list[float]
     forward_backward: list[float] = field(default_factory=list)
+    model_flops: list[float] = field(default_factory=list)  # useful training FLOPs per measured step
     executed: int = 0
     sampled: int = 0
 
@@ -156,6 +176,7 @@ def main() -> None:
         help="the same for every row; adamw by default because on a CPU with a few hundred tokens per step "
         "Muon's orthogonalisation (≈0.8 TFLOP per step at 140M) would dominate every row equally",
     )  # fmt: skip
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (known GPUs have a default)")
     parser.add_argument(
         "--tuned-allocator", action="store_true",
         help="tune glibc malloc for the whole process, as `parcae train` does on CPU (parcae.train.allocator); "
@@ -233,6 +254,7 @@ def run_config(looped_name, fixed_name, batch, seq_len, args, device, autocast) 
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             if step >= args.warmup:
+                row.model_flops.append(batch * seq_len * useful_flops_per_token(row, plan, seq_len))
                 row.times.append(elapsed)
                 row.forward_backward.append(forward_backward)
                 peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else counter.total
@@ -246,7 +268,9 @@ def run_config(looped_name, fixed_name, batch, seq_len, args, device, autocast) 
                     row.executed += batch * (int(plan.no_grad.max()) + int(plan.grad.max()))
     memory_kind = "peak CUDA MiB" if device.type == "cuda" else "saved-for-backward MiB"
     print(f"optimizer: {args.optimizer}; medians of {args.steps} alternating steps after {args.warmup} warm-up")
-    print(f"{'row':<9} {'ms/step':>9} {'fwd+bwd ms':>11} {'tokens/s':>10} {memory_kind:>24} {'executed/sampled':>17}")
+    peak = args.peak_tflops or PEAK_TFLOPS.get(device_name(device))
+    print(f"{'row':<9} {'ms/step':>9} {'fwd+bwd ms':>11} {'tokens/s':>10} {memory_kind:>24} {'executed/sampled':>17} "
+          f"{'model TFLOP/s':>14} {'MFU':>6}")  # fmt: skip
     speeds = {}
     for row in rows:
         ms = 1000 * statistics.median(row.times)
@@ -254,7 +278,12 @@ def run_config(looped_name, fixed_name, batch, seq_len, args, device, autocast) 
         passes = f"{row.executed / row.sampled:.3f}" if row.sampled else "-"
         memory = statistics.median(row.memory)
         fb = 1000 * statistics.median(row.forward_backward)
-        print(f"{row.name:<9} {ms:9.1f} {fb:11.1f} {speeds[row.name]:10.0f} {memory:24.1f} {passes:>17}")
+        achieved = statistics.median(f / t for f, t in zip(row.model_flops, row.times, strict=True)) / 1e12
+        mfu = f"{100 * achieved / peak:5.1f}%" if peak else "-"
+        print(f"{row.name:<9} {ms:9.1f} {fb:11.1f} {speeds[row.name]:10.0f} {memory:24.1f} {passes:>17} "
+              f"{achieved:14.3f} {mfu:>6}")  # fmt: skip
+    print(f"model FLOPs: the sampled (useful) training work, parcae.scaling.flops_per_token with causal attention; "
+          f"MFU against {f'{peak:g} TFLOP/s' if peak else 'no known peak (give --peak-tflops)'}")  # fmt: skip
     ratio = speeds["parcae"] / speeds["official"]
     fb_ratio = statistics.median(rows[1].forward_backward) / statistics.median(rows[0].forward_backward)
     # Paired: each measured step ran both rows back to back on the same batch and depths, so the median of the
