@@ -1,15 +1,15 @@
 """Fused LM head + cross entropy: the loss and its gradients in one chunked pass, without full logits.
 
 The plain path, `cross_entropy(lm_head(x).float(), y)`, keeps [N, V] fp32 logits and their log-softmax for
-backward (official-notes §10: 8.6 GB per official micro-batch) and runs two slow full-vocabulary kernels
-(log-softmax forward and backward). Checkpointing the head in chunks saves the memory but recomputes every logit.
+backward (official-notes §10: 8.6 GB per official micro-batch). Checkpointing the head in chunks saves the memory
+but recomputes every logit.
 
 Here each chunk of tokens computes its logits once, takes the loss, turns the logits *in place* into
 ∂loss/∂logits = softmax − one-hot, and immediately contracts that with the weight and the hidden states. Only
 ∂loss/∂hidden [N, D] and ∂loss/∂W [V, D] outlive the chunk, and backward merely scales them by the incoming
 gradient. Same matmuls as the plain path (one forward, two backward), no recompute, peak extra memory one
-chunk of logits. The gradient is computed even when backward never runs, so eval calls (no grad) take the
-loss-only path.
+chunk of logits; on CPU as fast as the plain head (`python benchmarks/op_speed.py head`), so the gain is memory.
+The gradient is computed even when backward never runs, so eval calls (no grad) take the loss-only path.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 # Logits held at once (elements; 32 Mi fp32 = 128 MiB). Large on purpose: every chunk adds its ∂W into the
-# [V, D] accumulator, so small chunks multiply that traffic (measured on CPU at V = 32,768: 2 Mi elements per
-# chunk made the head 1.4× slower than unchunked; 32 Mi matches it).
+# [V, D] accumulator, so small chunks multiply that traffic (`python benchmarks/op_speed.py head`, CPU, V = 32,768:
+# 2 Mi elements per chunk made the head 1.36–1.44× slower than unchunked; 32 Mi matches it, 0.97–1.02×).
 CHUNK_ELEMENTS = 1 << 25
 
 
@@ -38,8 +38,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_e
         raise IndexError(f"labels must be in [0, {weight.shape[0]}) or {IGNORE_INDEX}.")
     count = valid.sum().clamp(min=1)
     if flat_labels.shape[0] <= chunk:  # one chunk: the plain head is as fast and autograd's own numerics
-        logits = F.linear(flat_hidden, weight).float()
-        return F.cross_entropy(logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum") / count
+        return mean_cross_entropy(F.linear(flat_hidden, weight).float(), flat_labels)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         total = _LinearCrossEntropy.apply(flat_hidden, weight, flat_labels, chunk)
     else:
@@ -49,6 +48,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_e
             flat_hidden.new_zeros((), dtype=torch.float32),
         )  # fmt: skip
     return total / count
+
+
+def mean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross entropy of logits [..., V] over labels ≠ IGNORE_INDEX (0 when there are none)."""
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _chunk_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

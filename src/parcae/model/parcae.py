@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..config import ParcaeConfig
 from .cache import KVCache, KVPolicy
-from .head import IGNORE_INDEX, linear_cross_entropy
+from .head import IGNORE_INDEX, linear_cross_entropy, mean_cross_entropy
 from .injection import build_injection
 from .layers import Block, RMSNorm, Rotary, scaled_orthogonal_
 from .recurrence import DepthPlan, DepthSampler, mix_seed, run_loop
@@ -212,7 +211,7 @@ class Parcae(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
-            loss = _masked_mean_ce(logits.float(), labels)
+            loss = mean_cross_entropy(logits.float(), labels)
         return ParcaeOutput(loss=loss, logits=logits, metrics=metrics)
 
     @torch.no_grad()
@@ -605,14 +604,6 @@ def _random_state(h: Tensor, cfg: ParcaeConfig, generator: torch.Generator | Non
     if cfg.state_init == "like-init":
         return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=generator)
     return h.normal_(0.0, std, generator=generator)
-
-
-def _masked_mean_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross entropy over tokens whose label is not IGNORE_INDEX (0 when there are none)."""
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _summarise(names: list[str], limit: int = 6) -> str:
