@@ -20,17 +20,12 @@ import time
 import torch
 
 from parcae import DepthSampler, Parcae, get_preset
+from train_speed import pass_cost_ratio
 
 
 def bound(sampler: DepthSampler, rows: int, seq_len: int, grad_weight: float, plans: int = 200) -> float:
-    """Median over plans of the official loop's core cost over ours (no-grad pass 1, gradient pass grad_weight)."""
-    ratios = []
-    for step in range(plans):
-        plan = sampler.sample(rows, seq_len, step)
-        official = rows * (int(plan.no_grad.max()) + grad_weight * int(plan.grad.max()))
-        ours = int(plan.no_grad.sum()) + grad_weight * int(plan.grad.sum())
-        ratios.append(official / ours)
-    return statistics.median(ratios)
+    """Median over sampled plans of `pass_cost_ratio` (no-grad pass 1, gradient pass grad_weight)."""
+    return statistics.median(pass_cost_ratio(sampler.sample(rows, seq_len, step), grad_weight) for step in range(plans))
 
 
 def main() -> None:

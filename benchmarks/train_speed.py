@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from parcae import DepthPlan, DepthSampler, Parcae, get_preset
-from parcae.model.layers import RMSNorm
 from parcae.scaling.flops import flops_per_token
 from parcae.train.allocator import tune_cpu_allocator
 from parcae.train.optim import OptimizerSettings, build_optimizer
@@ -104,25 +103,20 @@ def useful_flops_per_token(row: Row, plan: DepthPlan, seq_len: int) -> float:
 
 def official_ops(model: Parcae) -> None:
     """Give the reference model the official per-op forms where ours differ (official-notes §1), so that
-    block-level optimisations of ours are credited to ours: the composite ReLU² (0.5·relu(z)² through
-    autograd) and the composite RMSNorm (statistics in fp32, cast back, then a separate multiply by the gain)."""
+    block-level optimisations of ours are credited to ours: the composite ReLU² (0.5·relu(z)² through autograd).
+    (Our RMSNorm already has the official form: a one-kernel variant measured no faster, docs/LOG.md.)"""
     for block in model.blocks():
         mlp = block.mlp
         mlp.forward = lambda x, mlp=mlp: mlp.down_proj(0.5 * F.relu(mlp.up_proj(x)).square())
-    for norm in model.modules():
-        if isinstance(norm, RMSNorm):
-            norm.forward = lambda x, norm=norm: (
-                F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).type_as(x) * norm.weight.type_as(x)
-            )
 
 
-def pass_cost_ratio(plan: DepthPlan) -> float:
+def pass_cost_ratio(plan: DepthPlan, grad_weight: float = 3.0) -> float:
     """What skipping the masked passes alone can gain: core cost of the official loop over ours, counting a
-    no-grad pass as 1 forward and a gradient pass as 3 (forward + backward). Everything outside the loop and any
-    per-pass speed-up come on top of (or dilute) this."""
+    no-grad pass as 1 forward and a gradient pass as `grad_weight` (forward + backward ≈ 3; measured by
+    pass_cost.py). Everything outside the loop and any per-pass speed-up come on top of (or dilute) this."""
     rows = plan.total.numel()
-    official = rows * (int(plan.no_grad.max()) + 3 * int(plan.grad.max()))
-    ours = int(plan.no_grad.sum()) + 3 * int(plan.grad.sum())
+    official = rows * (int(plan.no_grad.max()) + grad_weight * int(plan.grad.max()))
+    ours = int(plan.no_grad.sum()) + grad_weight * int(plan.grad.sum())
     return official / ours
 
 
@@ -177,6 +171,11 @@ def main() -> None:
         "Muon's orthogonalisation (≈0.8 TFLOP per step at 140M) would dominate every row equally",
     )  # fmt: skip
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (known GPUs have a default)")
+    parser.add_argument(
+        "--profile", choices=("parcae", "official", "gpt"),
+        help="run torch.profiler over that row's first measured step and print its top ops (that step's timing "
+        "then includes the profiler's overhead)",
+    )  # fmt: skip
     parser.add_argument(
         "--tuned-allocator", action="store_true",
         help="tune glibc malloc for the whole process, as `parcae train` does on CPU (parcae.train.allocator); "
@@ -238,6 +237,7 @@ def run_config(looped_name, fixed_name, batch, seq_len, args, device, autocast) 
     vocab = cfg.vocab_size
     print(f"\n{looped_name} vs {fixed_name}: micro-batch {batch} × {seq_len} tokens, μ_rec {cfg.mean_recurrence}")
     bound: list[float] = []
+    profiler: torch.profiler.profile | None = None
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=torch.Generator().manual_seed(step))
         x, y = ids[:, :-1].to(device), ids[:, 1:].to(device)
@@ -249,7 +249,13 @@ def run_config(looped_name, fixed_name, batch, seq_len, args, device, autocast) 
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             # On GPU the peak allocation is the memory figure: no per-tensor Python hooks in the timed step there.
-            with counter.context() if device.type != "cuda" else contextlib.nullcontext():
+            profiling = row.name == args.profile and step == args.warmup
+            if profiling:
+                profiler = torch.profiler.profile()
+            with (
+                counter.context() if device.type != "cuda" else contextlib.nullcontext(),
+                profiler if profiling else contextlib.nullcontext(),
+            ):
                 forward_backward = row.step(x, y, plan, step)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -267,6 +273,9 @@ def run_config(looped_name, fixed_name, batch, seq_len, args, device, autocast) 
                 elif row.name == "official":
                     row.sampled += int(plan.total.sum())
                     row.executed += batch * (int(plan.no_grad.max()) + int(plan.grad.max()))
+    if profiler is not None:
+        print(f"\n{args.profile}: top ops of its first measured step, by self time")
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     memory_kind = "peak CUDA MiB" if device.type == "cuda" else "saved-for-backward MiB"
     print(f"optimizer: {args.optimizer}; medians of {args.steps} alternating steps after {args.warmup} warm-up")
     peak = args.peak_tflops or PEAK_TFLOPS.get(device_name(device))

@@ -3,9 +3,9 @@
 PyTorch's CPU tensors come straight from malloc. glibc's defaults serve blocks above a moving threshold (≤ 32 MiB)
 with fresh `mmap`s and hand the top of the heap back to the kernel once enough of it is free. A training step
 frees most of its activations during backward, so every step re-faults them page by page on the next forward.
-On a 2-core VM this was a fifth of a parcae-tiny step (docs/LOG.md, 2026-11-30): an embedding's backward
-(zeroing a fresh [32768, 768] gradient) took 60–80 ms with the defaults and 10 ms tuned. Intel's PyTorch CPU
-guide gets the same effect by preloading jemalloc or tcmalloc; `mallopt` needs no extra library.
+On a 2-core VM an embedding's backward (zeroing a fresh [32768, 768] gradient) took 52.9 ms with the defaults
+and 10.3 ms tuned (`python benchmarks/op_speed.py embedding [--tuned-allocator]`, docs/LOG.md 2026-11-30).
+Intel's PyTorch CPU guide gets the same effect by preloading jemalloc or tcmalloc; `mallopt` needs no extra library.
 
 The cost is resident memory: up to `trim_threshold` bytes of freed memory stay mapped for the next step.
 """

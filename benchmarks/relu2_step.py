@@ -1,8 +1,8 @@
-"""What our fused block ops (ReLU² `HalfReluSquare`, the one-kernel RMSNorm) contribute to a whole training step:
-parcae-tiny forward + backward with our blocks vs the same weights with the official composite forms
-(`train_speed.official_ops`), same batches and depth plans, alternating.
+"""What the fused ReLU² (`HalfReluSquare`) contributes to a whole training step: parcae-tiny forward + backward with
+our MLP vs the same weights with the official composite 0.5·relu(z)² (`train_speed.official_ops`), same batches and
+depth plans, alternating.
 
-Usage: python benchmarks/block_ops.py [--steps 6] [--warmup 2] [--batch 16]
+Usage: python benchmarks/relu2_step.py [--steps 6] [--warmup 2] [--batch 16]
 Last line: the ratio composite / fused of the median forward + backward time.
 """
 
