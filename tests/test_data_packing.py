@@ -7,6 +7,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parcae.data.packing import IGNORE_INDEX, BestFitPacker, rank_documents, val_batches
 from parcae.data.shards import MemoryStore
@@ -223,3 +225,135 @@ def test_invalid_arguments() -> None:
     assert list(val_batches(MemoryStore.from_token_lists([]), 8, 2, max_batches=None, pad_id=PAD)) == []
     with pytest.raises(ValueError, match="positive"):
         BestFitPacker(unique_store([5]), 0, 2, pad_id=PAD)
+
+
+# ---------------------------------------------------------------------- every token once per epoch, whatever the corpus
+def test_one_long_document_is_not_trained_on_its_prefix_alone() -> None:
+    """Regression: with few documents the buffer used to fill with fresh copies of them (the next epochs'),
+    and best fit kept cutting the longest copy, i.e. the document's prefix, into every row."""
+    seq_len, batch = 128, 16
+    store = unique_store([50 * (seq_len + 1)])
+    packer = BestFitPacker(store, seq_len, batch, pad_id=PAD)
+    rows = rows_of([packer.next_batch() for _ in range(3)])
+    assert len({r.tobytes() for r in rows}) == 3 * batch  # 48 distinct rows
+    tokens = np.concatenate(rows)
+    assert np.unique(tokens).size == tokens.size  # and no token in two of them
+    assert np.array_equal(tokens, np.arange(1, tokens.size + 1))  # one document: its text, in order
+    assert packer.stats()["epochs"] == 0
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> dict:
+    """A corpus (document lengths) and packer settings, the corpus of one of several awkward shapes."""
+    seq_len, batch_size = draw(st.integers(1, 24)), draw(st.integers(1, 5))
+    width = seq_len + 1
+    shape = draw(st.sampled_from(["mixed", "one_long", "smaller_than_a_batch", "many_tiny"]))
+    if shape == "one_long":  # one document much longer than a row, maybe with a few others around it
+        lengths = [draw(st.integers(3 * width, 30 * width)), *draw(st.lists(st.integers(0, width), max_size=3))]
+        lengths = draw(st.permutations(lengths))
+    elif shape == "smaller_than_a_batch":
+        lengths = draw(st.lists(st.integers(0, seq_len), min_size=1, max_size=batch_size))
+    elif shape == "many_tiny":
+        lengths = draw(st.lists(st.integers(0, 3), min_size=20, max_size=300))
+    else:  # empty documents mixed in with short and long ones
+        lengths = draw(st.lists(st.integers(0, 3 * width), min_size=1, max_size=40))
+    world_size = draw(st.integers(1, 3))
+    rank = draw(st.integers(0, world_size - 1))
+    lengths = list(lengths) + [0] * max(0, world_size - len(lengths))
+    if sum(lengths[rank::world_size]) == 0:  # a rank with no tokens cannot loop (its own test checks the error)
+        lengths[rank] = 1
+    kwargs = {
+        "buffer_size": draw(st.integers(1, 8)),
+        "seed": draw(st.integers(0, 3)),
+        "rank": rank,
+        "world_size": world_size,
+        "shuffle": draw(st.booleans()),
+        "pad_id": PAD,
+    }
+    return {"lengths": lengths, "seq_len": seq_len, "batch_size": batch_size, "kwargs": kwargs}
+
+
+def rank_tokens(store: MemoryStore, rank: int, world_size: int) -> np.ndarray:
+    return np.concatenate([store.doc(i) for i in rank_documents(store.num_docs, rank, world_size)])
+
+
+def assert_tiles_each_document(store: MemoryStore, tokens: np.ndarray, docs: range) -> None:
+    """`tokens` (one epoch of the stream) holds every document of `docs` exactly once, each in pieces that
+    follow one another in order from its start (its BOS) to its end."""
+    by_doc = defaultdict(list)
+    for d, start, end in pieces_of(store, [tokens]):
+        by_doc[d].append((start, end))
+    assert set(by_doc) == {d for d in docs if store.doc_lengths[d]}
+    for d, pieces in by_doc.items():
+        assert pieces[0][0] == 0 and pieces[-1][1] == store.doc_lengths[d]
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
+
+
+@settings(max_examples=80, deadline=None)
+@given(streams())
+def test_each_epoch_places_every_token_exactly_once(case: dict) -> None:
+    store, kw = unique_store(case["lengths"]), case["kwargs"]
+    packer = BestFitPacker(store, case["seq_len"], case["batch_size"], **kw)
+    mine = rank_tokens(store, kw["rank"], kw["world_size"])
+    width = case["seq_len"] + 1
+    rows_needed = -(-(2 * mine.size + 1) // width)  # past the end of the second epoch
+    batches, placed = [], 0
+    for _ in range(-(-rows_needed // case["batch_size"])):
+        batches.append(packer.next_batch())
+        placed += batches[-1][0].numel() + batches[-1][0].shape[0]
+        assert packer.stats()["epochs"] == placed // mine.size  # an epoch counts once its last token is placed
+    x, y = batches[-1]
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    stream = np.concatenate(rows_of(batches))
+    assert (stream != PAD).all()  # a looping stream never pads: rows run on across epoch boundaries
+    docs = rank_documents(store.num_docs, kw["rank"], kw["world_size"])
+    for epoch in range(2):
+        assert_tiles_each_document(store, stream[epoch * mine.size : (epoch + 1) * mine.size], docs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(streams())
+def test_without_looping_every_token_comes_once(case: dict) -> None:
+    store, kw = unique_store(case["lengths"]), case["kwargs"]
+    packer = BestFitPacker(store, case["seq_len"], case["batch_size"], loop=False, **kw)
+    batches = drain(packer)
+    rows = rows_of(batches)
+    assert all(x.shape[0] == case["batch_size"] for x, _ in batches[:-1])
+    assert not any((r == PAD).any() for r in rows[:-1]) and (rows[-1] != PAD).any()
+    stream = np.concatenate(rows)
+    stream = stream[stream != PAD]
+    assert_tiles_each_document(store, stream, rank_documents(store.num_docs, kw["rank"], kw["world_size"]))
+    assert stream.size == packer.stats()["tokens"]
+    assert packer.stats()["epochs"] == 1
+    with pytest.raises(StopIteration):
+        packer.next_batch()
+
+
+@settings(max_examples=60, deadline=None)
+@given(streams(), st.integers(0, 12), st.booleans())
+def test_resume_mid_epoch_reproduces_the_stream(case: dict, skip: int, loop: bool) -> None:
+    store, kw = unique_store(case["lengths"]), {**case["kwargs"], "loop": loop}
+    args = (store, case["seq_len"], case["batch_size"])
+    reference = BestFitPacker(*args, **kw)
+    expected = drain_n(reference, skip + 12)
+    packer = BestFitPacker(*args, **kw)
+    drain_n(packer, skip)
+    resumed = BestFitPacker(*args, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(packer.state_dict())))
+    got = drain_n(resumed, 12)
+    assert len(got) == len(expected[skip:])
+    for (x1, y1), (x2, y2) in zip(got, expected[skip:], strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert resumed.stats() == reference.stats()
+
+
+def test_many_short_documents_one_epoch() -> None:
+    lengths = np.random.default_rng(0).integers(0, 6, 100_000)
+    store = unique_store(lengths)
+    packer = BestFitPacker(store, 64, 32, seed=2, pad_id=PAD)
+    rows_per_epoch, rows = store.num_tokens // 65, []
+    while len(rows) <= rows_per_epoch:
+        rows += rows_of([packer.next_batch()])
+    stream = np.concatenate(rows)
+    assert np.array_equal(np.sort(stream[: store.num_tokens]), np.arange(1, store.num_tokens + 1))
+    assert packer.stats()["epochs"] == 1

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
 
-from parcae.data.shards import MemoryStore, ShardStore, TokenStore, is_prepared, prepare
-from parcae.data.sources import iter_documents
+from parcae.cli import main
+from parcae.data.shards import MemoryStore, ShardStore, TokenStore, is_prepared, prepare, val_split_note
+from parcae.data.sources import Document, fallback_key, iter_documents, split_of
 from parcae.data.tokenizer import ByteTokenizer, load_tokenizer
 
 
@@ -22,8 +24,14 @@ def make_corpus(root, n: int = 60, seed: int = 0) -> str:
     return str(root)
 
 
-def expected_docs(spec: str, split: str, tok, val_fraction: float) -> list[list[int]]:
-    return [[tok.bos_id, *tok.encode(d.text)] for d in iter_documents(spec, split, val_fraction=val_fraction)]
+def expected_docs(spec: str, split: str, tok, val_fraction: float, forced_val=()) -> list[list[int]]:
+    docs = iter_documents(spec, split, val_fraction=val_fraction, forced_val=forced_val)
+    return [[tok.bos_id, *tok.encode(d.text)] for d in docs]
+
+
+def book(n_lines: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "".join(f"{i}: " + "word " * rng.randint(0, 30) + "\n" for i in range(n_lines))
 
 
 class BigVocabTokenizer(ByteTokenizer):
@@ -162,3 +170,71 @@ def test_prepare_errors_on_empty_source(tmp_path) -> None:
     with pytest.raises(ValueError, match="holds no"):
         prepare(str(tmp_path / "empty"), ByteTokenizer(), tmp_path / "p", progress=False)
     assert not (tmp_path / "p").exists()
+
+
+# ---------------------------------------------------------------------------------------------- val split
+def test_single_long_text_gets_a_val_split(tmp_path) -> None:
+    text = book(12_000)  # ~1 MB: one document, cut into pieces
+    (tmp_path / "book.txt").write_text(text, encoding="utf-8")
+    spec, tok = str(tmp_path / "book.txt"), ByteTokenizer()
+    pieces = list(iter_documents(spec, "all"))
+    assert "".join(p.text for p in pieces) == text and len(pieces) > 100
+    first = prepare(spec, tok, tmp_path / "a", val_fraction=0.1, progress=False)
+    again = prepare(spec, tok, tmp_path / "b", val_fraction=0.1, progress=False)
+    val, train = first["splits"]["val"], first["splits"]["train"]
+    assert first["splits"] == again["splits"] and val["num_docs"] > 0
+    assert 0.05 < val["num_tokens"] / (val["num_tokens"] + train["num_tokens"]) < 0.2
+    for split in ("train", "val"):  # the same pieces on the same side, byte for byte
+        index_a, index_b = (json.loads((tmp_path / d / split / "index.json").read_text()) for d in "ab")
+        assert index_a["shards"] == index_b["shards"] and index_a["offsets_sha256"] == index_b["offsets_sha256"]
+        store = ShardStore.open(tmp_path / "a", split)
+        assert [store.doc(i).tolist() for i in range(store.num_docs)] == expected_docs(spec, split, tok, 0.1)
+    assert first["val_fallback"] == [] and val_split_note(tmp_path / "a") is None
+
+
+def test_few_documents_hold_one_out_whatever_the_order(tmp_path, capsys) -> None:
+    # Three documents that all hash into train at 5 %: the fallback must hold one out.
+    names = [n for n in (f"doc{i}.txt" for i in range(50)) if split_of(n, 0.05) == "train"][:3]
+    expected = min(names, key=fallback_key)
+    for corpus, order in (("one", names), ("two", names[::-1])):
+        (tmp_path / corpus).mkdir()
+        for name in order:
+            (tmp_path / corpus / name).write_text(f"the text of {name}\n", encoding="utf-8")
+    tok = ByteTokenizer()
+    first = prepare(str(tmp_path / "one"), tok, tmp_path / "p1", val_fraction=0.05, progress=True)
+    assert f"{expected!r} is held out" in capsys.readouterr().err
+    second = prepare(str(tmp_path / "two"), tok, tmp_path / "p2", val_fraction=0.05, progress=False)
+    assert first["val_fallback"] == second["val_fallback"] == [expected]
+    assert json.loads((tmp_path / "p1" / "dataset.json").read_text())["val_fallback"] == [expected]
+    val, train = ShardStore.open(tmp_path / "p1", "val"), ShardStore.open(tmp_path / "p1", "train")
+    assert val.num_docs == 1 and train.num_docs == 2
+    assert tok.decode(val.doc(0)) == f"the text of {expected}\n"
+    # iter_documents reproduces the prepared split when given the recorded fallback.
+    spec = str(tmp_path / "one")
+    forced = first["val_fallback"]
+    assert list(iter_documents(spec, "val", val_fraction=0.05, forced_val=forced)) == [
+        Document(expected, f"the text of {expected}\n")
+    ]
+    assert [train.doc(i).tolist() for i in range(2)] == expected_docs(spec, "train", tok, 0.05, forced)
+    assert val_split_note(tmp_path / "p1") is None
+
+
+def test_empty_val_split_says_why(tmp_path, capsys) -> None:
+    path = tmp_path / "note.txt"
+    assert split_of("note.txt", 0.01) == "train"  # the CLI's default val_fraction
+    path.write_text("just one short note\n", encoding="utf-8")
+    assert main(["data", "prepare", str(path), "--out", str(tmp_path / "p")]) == 0
+    note = val_split_note(tmp_path / "p")
+    assert note is not None and "\n" not in note
+    assert "single document of 21 tokens" in note and "`parcae eval RUN --data SPEC`" in note
+    assert f"warning: {note}" in capsys.readouterr().err
+
+    spec = make_corpus(tmp_path / "src")
+    prepare(spec, ByteTokenizer(), tmp_path / "zero", val_fraction=0.0, progress=False)
+    assert "val_fraction is 0" in val_split_note(tmp_path / "zero")
+    # A directory prepared before the fallback existed: several pieces, none held out.
+    dataset = tmp_path / "zero" / "dataset.json"
+    dataset.write_text(json.dumps({**json.loads(dataset.read_text()), "val_fraction": 0.01}))
+    assert "none of its 61 pieces fell into it" in val_split_note(tmp_path / "zero")
+    shutil.rmtree(tmp_path / "zero" / "val")
+    assert "has no validation split" in val_split_note(tmp_path / "zero")

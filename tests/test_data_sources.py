@@ -10,8 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from parcae.data.sources import (
+    LONG_DOC_CHARS,
+    PIECE_CHARS,
     Document,
     SourceSpec,
+    cut_text,
+    fallback_key,
     iter_documents,
     parse_spec,
     split_of,
@@ -30,8 +34,9 @@ def test_stdlib_is_deterministic_and_sorted() -> None:
     again = list(itertools.islice(iter_documents("stdlib", "all"), 40))
     assert first == again
     ids = [d.id for d in first]
-    assert ids == sorted(ids) and len(set(ids)) == 40
-    assert all(i.endswith(".py") and "site-packages" not in i for i in ids)
+    files = [i.partition("#")[0] for i in ids]  # a file over LONG_DOC_CHARS comes as pieces FILE#0, FILE#1, …
+    assert files == sorted(files) and len(set(ids)) == 40
+    assert all(f.endswith(".py") and "site-packages" not in f for f in files)
     assert all(isinstance(d, Document) and d.text for d in first)
 
 
@@ -42,7 +47,9 @@ def test_stdlib_split_is_disjoint_and_covers_everything() -> None:
     assert train | val == {d.id for d in iter_documents("stdlib", "all")}
     assert 0.02 < len(val) / (len(train) + len(val)) < 0.1
     summary = stdlib_summary()
-    assert summary["files"] == len(train) + len(val) > 100 and summary["bytes"] > 1_000_000
+    files = {i.partition("#")[0] for i in train | val}  # files over LONG_DOC_CHARS come as pieces FILE#k
+    assert summary["files"] == len(files) > 100 and summary["bytes"] > 1_000_000
+    assert len(train | val) > len(files)
 
 
 def test_split_assignment_is_stable() -> None:
@@ -54,6 +61,39 @@ def test_split_assignment_is_stable() -> None:
     small = {i for i in ids if split_of(i, 0.01) == "val"}
     large = {i for i in ids if split_of(i, 0.2) == "val"}
     assert small <= large and 5 <= len(small) < 60 and 300 < len(large) < 500
+    assert split_of("a", 0.0, forced_val={"a"}) == "val" and split_of("b", 0.0, forced_val={"a"}) == "train"
+    assert sorted(ids, key=fallback_key)[0] == min(reversed(ids), key=fallback_key)  # order plays no part
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def test_cut_text_reassembles_and_cuts_at_line_ends() -> None:
+    lines = [f"line {i} " + "x" * (i % 97) + "\n" for i in range(3000)]
+    text = "".join(lines)
+    pieces = list(cut_text(text))
+    assert "".join(pieces) == text and len(pieces) > 10
+    assert all(PIECE_CHARS // 2 < len(p) <= PIECE_CHARS and p.endswith("\n") for p in pieces[:-1])
+    flat = "y" * (3 * PIECE_CHARS + 5)  # no newline: cut at the window's end
+    assert [len(p) for p in cut_text(flat)] == [PIECE_CHARS, PIECE_CHARS, PIECE_CHARS, 5]
+    # A newline only in the first half of the window does not count.
+    early = "a" * 10 + "\n" + "b" * (2 * PIECE_CHARS)
+    assert len(next(cut_text(early))) == PIECE_CHARS
+    assert list(cut_text("")) == [""] and list(cut_text("short")) == ["short"]
+
+
+def test_long_documents_come_as_pieces(tmp_path) -> None:
+    long_text = "".join(f"sentence {i} of a long book.\n" for i in range(LONG_DOC_CHARS // 20))
+    assert len(long_text) > LONG_DOC_CHARS
+    (tmp_path / "book.txt").write_text(long_text, encoding="utf-8")
+    (tmp_path / "edge.txt").write_text("e" * LONG_DOC_CHARS, encoding="utf-8")  # not longer: kept whole
+    write_jsonl(tmp_path / "rows.jsonl", [{"text": "short"}, {"text": long_text}])
+    docs = list(iter_documents(str(tmp_path), "all"))
+    book = [d for d in docs if d.id.startswith("book.txt")]
+    assert [d.id for d in book] == [f"book.txt#{k}" for k in range(len(book))] and len(book) > 8
+    assert "".join(d.text for d in book) == long_text
+    assert [d.id for d in docs if not d.id.startswith("book.txt")][:3] == ["edge.txt", "rows.jsonl:1", "rows.jsonl:2#0"]
+    # The split is per piece: a long document has pieces on both sides.
+    val = {d.id for d in iter_documents(str(tmp_path), "val", val_fraction=0.2)}
+    assert val and {d.id for d in book} - val
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from parcae.cli import main
 from parcae.data.tokenizer import (
     BOS,
     EOS,
@@ -41,6 +42,18 @@ def synthetic_corpus(n: int = 400, seed: int = 0) -> list[str]:
         words = [rng.choice(WORDS) for _ in range(rng.randint(3, 15))]
         out.append(" ".join(words) + f" {rng.randint(0, 99999)}" + rng.choice([".", "!\n", ":\n    ", ""]))
     return out
+
+
+def prose(n_chars: int, seed: int = 0) -> str:
+    """One long document of made-up words (3,000 distinct ones), enough for ~1,000 BPE merges."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ren", "tas", "vu", "do", "sel", "pri", "on", "ar", "bel", "cu", "fi", "gor"]
+    words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(3000)]
+    lines, n = [], 0
+    while n < n_chars:
+        lines.append(" ".join(rng.choices(words, k=rng.randint(5, 16))) + ".\n")
+        n += len(lines[-1])
+    return "".join(lines)[:n_chars]
 
 
 BPE = train_bpe(synthetic_corpus(), 360)
@@ -114,10 +127,35 @@ def test_bpe_token_bytes_sum_to_utf8_length(bpe: BPETokenizer) -> None:
         assert tb[bpe.encode(text)].sum() == len(text.encode("utf-8"))
 
 
-def test_train_bpe_caps() -> None:
-    assert train_bpe(synthetic_corpus(50), 400, max_chars=0).vocab_size == 259  # bytes + specials only
+def test_train_bpe_caps(capsys) -> None:
+    corpus = synthetic_corpus(50)
+    assert train_bpe(corpus, 400, max_chars=0).vocab_size == 259  # bytes + specials only
+    assert "max_chars: the tokenizer was trained on the first 0 characters" in capsys.readouterr().err
+    train_bpe(corpus, 400, max_chars=100)
+    assert "first 100 characters; the rest was not read" in capsys.readouterr().err
+    train_bpe(corpus, 300, max_chars=sum(map(len, corpus)))  # the cap reached exactly: nothing left unread
+    assert "max_chars" not in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least 259"):
         train_bpe(["abc"], 200)
+
+
+def test_too_large_vocabulary_warns_with_both_sizes(capsys) -> None:
+    tok = train_bpe(["abc abc abc"], 1024)
+    assert tok.vocab_size < 1024
+    err = capsys.readouterr().err
+    assert f"supports a vocabulary of {tok.vocab_size:,} tokens, not the 1,024 asked for" in err
+
+
+def test_tokenizer_cli_reads_a_long_document_whole(tmp_path, capsys) -> None:
+    text = prose(200_000)
+    assert train_bpe([text[:10_000]], 1024).vocab_size < 1024  # a per-document cap would fall short
+    capsys.readouterr()
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    argv = ["tokenizer", "train", "--data", str(tmp_path / "one.txt"), "--vocab-size", "1024"]
+    assert main([*argv, "--out", str(tmp_path / "tok")]) == 0
+    out = capsys.readouterr()
+    assert "saved a 1024-token BPE tokenizer" in out.out and "warning" not in out.err
+    assert load_tokenizer(tmp_path / "tok").vocab_size == 1024
 
 
 # ---------------------------------------------------------------------------------------------- save/load

@@ -46,9 +46,9 @@ class BigramModel(nn.Module):
     """A stand-in model with known preferences: logits[b, t] = table[input[b, t]], one table per depth
     (depth 1 uses `tables[0]`, any deeper run `tables[1]`), no recurrent state."""
 
-    def __init__(self, tables: Tensor, max_seq_len: int = 64) -> None:
+    def __init__(self, tables: Tensor, max_seq_len: int = 64, **config) -> None:
         super().__init__()
-        self.config = get_preset("parcae-micro", max_seq_len=max_seq_len)
+        self.config = get_preset("parcae-micro", max_seq_len=max_seq_len, **config)  # `config`: what h₀ is
         self.register_buffer("tables", tables)
         self.anchor = nn.Parameter(torch.zeros(()))  # gives the module a device
         self.calls: list[tuple[int, ...]] = []
@@ -201,6 +201,64 @@ def test_options_of_an_example_share_a_batch_and_batches_hold_many_examples(synt
     rows = [shape[0] for shape in model.calls]
     options = sum(len(e.contexts) for e in tasks[0].examples)
     assert sum(rows) == options and max(rows) <= 8 and len(rows) < len(tasks[0].examples)
+
+
+@pytest.mark.parametrize("config", [{"n_core": 0}, {"state_init": "zero"}])
+def test_seeds_that_change_nothing_are_copied_not_scored(synthetic_tasks, config: dict) -> None:
+    """Without an h₀ that depends on the seed, a 0-shot task scores the same for every seed: scored once."""
+    directory, tables = synthetic_tasks
+    tasks = [load_task(spec, directory) for spec in find_tasks(directory)]  # custom files run 0-shot
+    once, thrice = BigramModel(tables, **config), BigramModel(tables, **config)
+    single = evaluate_core(once, TOK, tasks, [1, 2], seeds=[0], batch_size=8)
+    sink = io.StringIO()
+    result = evaluate_core(thrice, TOK, tasks, [1, 2], seeds=[0, 1, 2], batch_size=8, predictions=sink)
+    assert thrice.calls == once.calls  # seeds 1 and 2 ran no forward
+    assert (result.accuracy == single.accuracy).all() and result.accuracy.shape == (2, 3, 3)
+    records = [json.loads(line) for line in sink.getvalue().splitlines()]
+    by_seed = {s: [{**r, "seed": None} for r in records if r["seed"] == s] for s in (0, 1, 2)}
+    assert len(by_seed[0]) == 2 * 32 and by_seed[0] == by_seed[1] == by_seed[2]  # every line, each seed
+    # With demonstrations the seed changes the prompts: every seed is scored.
+    drawn = BigramModel(tables, **config)
+    evaluate_core(drawn, TOK, tasks, [1, 2], seeds=[0, 1, 2], fewshot=2, batch_size=8)
+    assert len(drawn.calls) > 2 * len(once.calls)
+
+
+def test_progress_counts_tokens_times_layers(synthetic_tasks, monkeypatch) -> None:
+    """The bar's unit is a token through one block: known up front, and it ends exactly at its total."""
+    import tqdm.auto
+
+    from parcae.eval.core import layer_passes
+    from parcae.eval.scoring import tokens_fed
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total: int, **_) -> None:
+            self.total, self.done = total, []
+            bars.append(self)
+
+        def __enter__(self) -> Recorder:
+            return self
+
+        def __exit__(self, *_) -> None:
+            pass
+
+        def update(self, n: int) -> None:
+            self.done.append(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    directory, tables = synthetic_tasks
+    model = BigramModel(tables)
+    tasks = [load_task(spec, directory) for spec in find_tasks(directory)]
+    evaluate_core(model, TOK, tasks, [1, 5], seeds=[0, 1], fewshot=1, batch_size=8, progress=True)
+    (bar,) = bars
+    assert sum(bar.done) == bar.total
+    fed = [tokens_fed(model, [e.rows for t in tasks for e in encode_examples(t, range(len(t.examples)), TOK,
+                                                                               seed=s, shots=1, max_len=64)])
+           for s in (0, 1)]  # fmt: skip
+    cfg = model.config
+    assert layer_passes(cfg, 5) == cfg.n_prelude + 5 * cfg.n_core + cfg.n_coda
+    assert bar.total == sum(fed) * (layer_passes(cfg, 1) + layer_passes(cfg, 5))
 
 
 def test_pack_groups_keeps_groups_whole() -> None:
@@ -375,10 +433,34 @@ def test_cli_core_on_custom_task_files(synthetic_tasks, tmp_path: Path, capsys) 
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "loss is skipped" in out and "CORE (2 tasks)" in out and "T=3" in out
-    payload = json.loads((model_dir / "eval" / "core.json").read_text())
+    (path,) = (model_dir / "eval").glob("core-*.json")
+    payload = json.loads(path.read_text())
     assert [r["depth"] for r in payload["results"]] == [1, 3] and payload["seeds"] == [0, 1]
     assert [t["name"] for t in payload["tasks"]] == ["mc", "lm"] and payload["tasks"][0]["examples"] == 3
-    lines = (model_dir / "eval" / "core_predictions.jsonl").read_text().splitlines()
+    lines = path.with_suffix(".predictions.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 3 * 2 * 2  # tasks × examples × depths × seeds
+    before = path.read_text()
+    assert main([*argv[:7], "2", "--depths", "1", "--no-progress"]) == 0  # other settings: other files
+    assert len(list((model_dir / "eval").glob("core-*.json"))) == 2 and path.read_text() == before
+    assert len(list((model_dir / "eval").glob("core-*.predictions.jsonl"))) == 2
+    assert not list((model_dir / "eval").glob("*.partial"))
+    capsys.readouterr()
     assert main(["eval", str(model_dir), "--core", str(directory), "--tasks", "nope"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_cli_core_on_a_fixed_depth_model_uses_one_seed(synthetic_tasks, tmp_path: Path, capsys) -> None:
+    from parcae import Parcae
+    from parcae.cli import main
+
+    directory, _ = synthetic_tasks
+    model_dir = tmp_path / "gpt"
+    Parcae(get_preset("parcae-micro", n_core=0)).save_pretrained(model_dir)
+    TOK.save(model_dir)
+    argv = ["eval", str(model_dir), "--core", str(directory), "--tasks", "mc", "--max-per-task", "2", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "seeds 0 (few-shot draw; this model's h₀ does not depend on it)" in out
+    (path,) = (model_dir / "eval").glob("core-*.json")
+    payload = json.loads(path.read_text())
+    assert payload["seeds"] == [0] and payload["depths"] == [1]  # one depth, one seed

@@ -109,6 +109,11 @@ def test_fixed_depth_model_and_bad_input(micro: Parcae) -> None:
         loss_by_depth(micro, [], [1])
 
 
+def saved(directory: Path, kind: str) -> list[Path]:
+    """The result files of one kind (`loss` or `core`) under directory/eval, by name."""
+    return sorted((directory / "eval").glob(f"{kind}-*.json"))
+
+
 def test_cli_loss_with_bpb_on_a_data_file(tmp_path: Path, capsys) -> None:
     model_dir = tmp_path / "model"
     Parcae(get_preset("parcae-micro")).save_pretrained(model_dir)
@@ -120,10 +125,11 @@ def test_cli_loss_with_bpb_on_a_data_file(tmp_path: Path, capsys) -> None:
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "bpb" in out and "h₀ seeds 0,1" in out
-    payload = json.loads((model_dir / "eval" / "loss_by_depth.json").read_text())
+    (path,) = saved(model_dir, "loss")
+    payload = json.loads(path.read_text())
     assert [r["depth"] for r in payload["results"]] == [1, 2] and payload["seeds"] == [0, 1]
     assert payload["results"][0]["bytes"] == sum(len(t.encode("utf-8")) for t in docs)  # every document, all bytes
-    assert (model_dir / "eval" / "loss_by_depth.png").is_file()
+    assert path.with_suffix(".png").is_file()
 
 
 @pytest.mark.parametrize(
@@ -170,3 +176,135 @@ def test_one_loop_run_for_all_depths_equals_one_forward_per_depth(micro: Parcae,
         assert ours.residual == pytest.approx(expected.residual, rel=1e-5)
         if with_bytes:
             assert ours.bpb == pytest.approx(expected.bpb, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- what was scored
+def saved_model(directory: Path, **overrides) -> Path:
+    Parcae(get_preset("parcae-micro", **overrides)).save_pretrained(directory)
+    TOK.save(directory)
+    return directory
+
+
+def write_docs(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [({"n_core": 0}, "a fixed-depth model has no h₀"),
+                                                   ({"state_init": "zero"}, "h₀ = 0 (state_init zero)")])  # fmt: skip
+def test_cli_scores_a_seedless_model_once(overrides: dict, reason: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    import parcae.eval.loss as loss_module
+
+    model_dir = saved_model(tmp_path / "model", **overrides)
+    docs = write_docs(tmp_path / "docs.jsonl", [TEXT, "x = 1\n" * 5])
+    forwards = []
+    original = loss_module._scores_by_depth
+    monkeypatch.setattr(loss_module, "_scores_by_depth", lambda *a: forwards.append(a[4]) or original(*a))
+    assert main(["eval", str(model_dir), "--data", str(docs), "--seeds", "3", "--depths", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"one pass: {reason}" in out and "--seeds 3 would repeat it" in out and "h₀ seeds" not in out
+    assert forwards == [0]  # one batch, one seed
+    (path,) = saved(model_dir, "loss")
+    assert json.loads(path.read_text())["seeds"] == [0]
+
+
+def test_cli_keeps_every_evaluation_and_replaces_only_its_own(tmp_path: Path, capsys) -> None:
+    model_dir = saved_model(tmp_path / "model")
+    docs = write_docs(tmp_path / "docs.jsonl", [TEXT * 3, "def f(x):\n    return x\n" * 4, "ascii only " * 9])
+    base = ["eval", str(model_dir), "--data", str(docs), "--seeds", "1", "--no-progress"]
+    assert main([*base, "--depths", "1,2,3"]) == 0
+    (first,) = saved(model_dir, "loss")
+    before, curve = first.read_text(), first.with_suffix(".png").read_bytes()
+    assert main([*base, "--depths", "1"]) == 0
+    assert len(saved(model_dir, "loss")) == 2  # the 3-point curve is still there, untouched
+    assert first.read_text() == before and first.with_suffix(".png").read_bytes() == curve
+    assert main([*base, "--depths", "1"]) == 0
+    assert len(saved(model_dir, "loss")) == 2  # the same settings again: their own file, replaced
+
+
+def test_cli_header_and_json_state_what_was_scored(tmp_path: Path, capsys) -> None:
+    model_dir = saved_model(tmp_path / "model", max_seq_len=16)
+    docs = write_docs(tmp_path / "docs.jsonl", [TEXT * 4, "def f(x):\n    return x\n" * 6])
+    argv = ["eval", str(model_dir), "--data", str(docs), "--depths", "1", "--seeds", "2", "--no-progress"]
+    assert main([*argv, "--batches", "2", "--batch-size", "3"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert f"all of {docs}: 2 batches × 3 rows × 16 tokens, 96 target tokens" in header, header
+    assert "h₀ seeds 0,1 (mean ± std)" in header
+    (path,) = saved(model_dir, "loss")
+    payload = json.loads(path.read_text())
+    assert payload["data"] == f"all of {docs}" and payload["split"] == "val"
+    assert (payload["batches"], payload["batch_size"], payload["seq_len"], payload["tokens"]) == (2, 3, 16, 96)
+    assert payload["seeds"] == [0, 1] and payload["settings"]["batches"] == 2
+    assert main([*argv, "--batches", "50", "--batch-size", "3"]) == 0  # more than the data holds: say so
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "batches (all the split holds; --batches 50) × 3 rows × 16 tokens" in header, header
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two parcae-micro runs of one step: `many` on several documents (a held-out split), `single` on one short
+    document (nothing can be held out)."""
+    from parcae.train.config import TrainConfig
+    from parcae.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("tiny-runs")
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    many = root / "many"
+    many.mkdir()
+    for i in range(24):
+        (many / f"doc{i:02d}.txt").write_text(" ".join(words[(i + j) % 8] for j in range(40 + i)), encoding="utf-8")
+    (root / "single").mkdir()
+    (root / "single" / "only.txt").write_text("one short document, nothing to hold out", encoding="utf-8")
+    runs = {}
+    for name in ("many", "single"):
+        train = TrainConfig(data=str(root / name), batch_size=2, seq_len=32, steps=1, eval_batches=0,
+                            checkpoint_every=100, log_every=100, val_fraction=0.25, optimizer="adamw")  # fmt: skip
+        runs[name] = root / f"run-{name}"
+        Trainer(get_preset("parcae-micro", max_seq_len=32), train, runs[name], progress_bar=False,
+                echo=lambda _: None).train()  # fmt: skip
+    return {**runs, "corpus": many}
+
+
+def loss_payload(run: Path, capsys) -> tuple[str, dict]:
+    """The output of the last eval and its newest loss file."""
+    newest = max(saved(run, "loss"), key=lambda p: p.stat().st_mtime_ns)
+    return capsys.readouterr().out, json.loads(newest.read_text())
+
+
+EVAL = ["--depths", "1", "--seeds", "1", "--batches", "2", "--batch-size", "2", "--no-progress"]
+
+
+def test_cli_empty_validation_split_fails_with_the_way_out(tiny_runs: dict[str, Path], capsys) -> None:
+    from parcae.data.shards import val_split_note
+
+    run = tiny_runs["single"]
+    assert main(["eval", str(run), *EVAL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("parcae: error:") and "\n" not in err
+    assert val_split_note(run / "data") in err and "--data SPEC" in err and "--split train" in err
+    assert main(["eval", str(run), "--split", "train", *EVAL]) == 0
+    out, payload = loss_payload(run, capsys)
+    assert "loss on the training split of the run's data" in out and "training data, not held out)" in out
+    assert payload["split"] == "train" and "training data, not held out" in payload["data"]
+    assert payload["data_path"] == str(run / "data" / "train")
+
+
+def test_cli_data_naming_the_runs_own_corpus_scores_its_held_out_split(tiny_runs: dict[str, Path], capsys,
+                                                                       monkeypatch) -> None:  # fmt: skip
+    run, corpus = tiny_runs["many"], tiny_runs["corpus"]
+    assert main(["eval", str(run), *EVAL]) == 0
+    _, default = loss_payload(run, capsys)
+    assert default["data_path"] == str(run / "data" / "val")
+    assert default["data"] == f"the held-out validation split of the run's data ({corpus})"
+    monkeypatch.chdir(corpus.parent)
+    for spec in (str(corpus), f"./{corpus.name}/"):  # the same spec string, and the same directory spelt otherwise
+        assert main(["eval", str(run), "--data", spec, *EVAL]) == 0
+        out, payload = loss_payload(run, capsys)
+        assert f"note: {spec} is the run's training data: scoring its held-out validation split" in out
+        assert payload["data_path"] == default["data_path"] and payload["tokens"] == default["tokens"]
+    other = write_docs(corpus.parent / "other.jsonl", [TEXT, "def g():\n    pass\n" * 3])
+    assert main(["eval", str(run), "--data", str(other), *EVAL]) == 0
+    out, payload = loss_payload(run, capsys)
+    assert f"all of {other} (not the run's split)" in out and payload["data"] == f"all of {other} (not the run's split)"
+    assert main(["eval", str(run), "--data", str(other), "--split", "train", *EVAL]) == 2
+    assert "is not the run's data" in capsys.readouterr().err

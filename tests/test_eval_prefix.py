@@ -21,6 +21,7 @@ from parcae.eval.scoring import (
     score_rows,
     score_shared,
     share_prompts,
+    tokens_fed,
 )
 from test_model import ids, randomise, small
 
@@ -79,6 +80,13 @@ def fed_tokens(model: Parcae) -> list[int]:
     return counts
 
 
+def real_tokens(model: Parcae, pad_id: int) -> list[int]:
+    """Tokens other than `pad_id` embedded by every forward of `model` from now on (a running list)."""
+    counts: list[int] = []
+    model.embed.register_forward_hook(lambda _, inputs, __: counts.append(int((inputs[0] != pad_id).sum())))
+    return counts
+
+
 # ---------------------------------------------------------------------------------------------- the cache
 @pytest.mark.parametrize("variant", list(MODELS))
 def test_selected_cache_rows_continue_like_each_row_alone(variant: str) -> None:
@@ -133,12 +141,18 @@ def test_rows_cannot_be_copied_in_the_middle_of_a_forward() -> None:
 def test_shared_prompts_score_like_one_pass(variant: str) -> None:
     model = micro(**MODELS[variant])
     groups = task_groups(model, steps=3)
-    counts, progress = fed_tokens(model), []
-    shared = score_groups(model, groups, batch_size=6, num_steps=3, on_batch=progress.append, **COMMON)
+    unused = model.config.vocab_size - 1  # as padding: greedy continuations may hold the tokenizer's pad id
+    counts, real, progress, fed = fed_tokens(model), real_tokens(model, unused), [], []
+    shared = score_groups(model, groups, batch_size=6, num_steps=3, on_batch=progress.append, on_tokens=fed.append,
+                          **{**COMMON, "pad_id": unused})  # fmt: skip
     shared_tokens = sum(counts)
     assert sum(progress) == sum(len(g) for g in groups) and max(progress) <= 6
+    # The progress in tokens is what the model was fed (padding aside), and known before scoring.
+    assert sum(fed) == tokens_fed(model, groups) == sum(real)
     counts.clear()
-    one_pass = score_groups(model, groups, batch_size=6, num_steps=3, share=False, **COMMON)
+    fed.clear()
+    one_pass = score_groups(model, groups, batch_size=6, num_steps=3, share=False, on_tokens=fed.append, **COMMON)
+    assert sum(fed) == tokens_fed(model, groups, share=False) > tokens_fed(model, groups)
     assert_same_scores(shared, one_pass)
     assert any(row.greedy for group in one_pass for row in group)  # the greedy flags are compared, not all False
     assert shared_tokens < 0.75 * sum(counts)  # the MC contexts were fed once, not once per option

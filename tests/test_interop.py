@@ -514,6 +514,26 @@ def test_convert_cli_writes_a_directory_our_loaders_read(tmp_path: Path, capsys)
     assert "already exists" in capsys.readouterr().err
 
 
+def test_convert_from_a_run_reports_the_value_embedding_layers_it_uses(tmp_path: Path, capsys) -> None:
+    from parcae.cli import main
+    from parcae.data.tokenizer import ByteTokenizer
+
+    # The alternating rule leaves `value_embedding_layers` unset; the summary must still name the layers.
+    cfg = get_preset("parcae-micro")
+    assert cfg.value_embedding_layers is None
+    expected = [i for i in range(cfg.n_layers) if cfg.has_value_embedding(i)]
+    assert expected
+    Parcae(cfg).save_pretrained(tmp_path / "saved")
+    ByteTokenizer().save(tmp_path / "saved")
+    assert main(["convert", "--from", "run", str(tmp_path / "saved"), str(tmp_path / "out")]) == 0
+    assert f"value embeddings on layers {expected}" in capsys.readouterr().out
+    no_ve = get_preset("parcae-micro", value_embeddings=False)
+    Parcae(no_ve).save_pretrained(tmp_path / "plain")
+    ByteTokenizer().save(tmp_path / "plain")
+    assert main(["convert", "--from", "run", str(tmp_path / "plain"), str(tmp_path / "out2")]) == 0
+    assert "value embeddings on layers []" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------- the config fields imports rely on
 def test_explicit_core_shapes_and_value_embedding_layers() -> None:
     from parcae import ParcaeConfig

@@ -199,7 +199,9 @@ def test_tokenizers_that_do_not_match_are_refused(corpus: Path, run: Path, tmp_p
     big.save(tmp_path / "big")
     small.save(tmp_path / "small")
     argv = train_argv(corpus, tmp_path / "new", 1)
-    assert "use --set vocab_size=" in refused([*argv, "--tokenizer", str(tmp_path / "big")], capsys)
+    # vocab_size follows the tokenizer unless given; one given smaller than the tokenizer is refused
+    too_small = [*argv, "--tokenizer", str(tmp_path / "big"), "--set", "vocab_size=320"]
+    assert "is smaller than the tokenizer's" in refused(too_small, capsys)
     data = run / "data"  # a prepared directory (byte tokenizer)
     argv = train_argv(data, tmp_path / "new", 1)
     assert "differs from the one" in refused([*argv, "--tokenizer", str(tmp_path / "small")], capsys, data)

@@ -101,6 +101,21 @@ def test_the_default_lab_plans_twelve_runs(capsys) -> None:
     assert "model fields only" in capsys.readouterr().err
 
 
+def test_the_device_defaults_to_auto_like_train_and_is_recorded_resolved(capsys, monkeypatch) -> None:
+    from parcae.train.config import TrainConfig
+
+    assert TrainConfig().device == "auto"  # the lab follows `parcae train`
+    for cuda in (False, True):  # nothing runs: a dry run only plans, so pretending CUDA exists is safe
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        expected = "cuda" if cuda else "cpu"
+        assert LabConfig().device == expected and LabConfig().to_dict()["device"] == expected
+        assert main(["lab", "stability", "--out", "unused", "--quick", "--dry-run"]) == 0
+        assert capsys.readouterr().out.rstrip().endswith(f"optimizer steps on {expected}")
+    assert LabConfig(device="cpu").device == "cpu"
+    with pytest.raises(ValueError, match="unknown device"):
+        LabConfig(device="tpu")
+
+
 def test_invalid_labs_are_refused_with_one_sentence() -> None:
     with pytest.raises(ValueError, match="unknown injection"):
         LabConfig(injections=("concat",))
@@ -116,7 +131,7 @@ def test_invalid_labs_are_refused_with_one_sentence() -> None:
 def tiny_lab(corpus: Path, **overrides) -> LabConfig:
     fields = dict(preset="parcae-micro", data=str(corpus), lrs=(1e-3,), steps=6, warmup_steps=1, batch_size=2,
                   seq_len=32, eval_batches=1, log_every=1, jacobian_every=3, jacobian_sequences=1, jacobian_steps=6,
-                  ablations=())  # fmt: skip
+                  ablations=(), device="cpu")  # fmt: skip
     return LabConfig(**{**fields, **overrides})
 
 
@@ -124,7 +139,7 @@ def test_a_two_run_quick_grid_runs_end_to_end(corpus: Path, tmp_path: Path, caps
     out = tmp_path / "lab"
     argv = ["lab", "stability", "--preset", "parcae-micro", "--data", str(corpus), "--injections", "diagonal,add",
             "--lrs", "1e-3", "--quick", "--steps", "6", "--warmup-steps", "1", "--batch-size", "2", "--seq-len", "32",
-            "--jacobian-every", "3", "--out", str(out)]  # fmt: skip
+            "--jacobian-every", "3", "--device", "cpu", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = capsys.readouterr().out
     assert "Stability matrix" in report and "Jacobian of the loop map" in report
@@ -146,7 +161,7 @@ def test_a_two_run_quick_grid_runs_end_to_end(corpus: Path, tmp_path: Path, caps
     assert capsys.readouterr().out.count("done earlier") == 2
     # Other settings in the same directory are refused; nothing is overwritten.
     assert main([*argv[:-2], "--seeds", "2", "--out", str(out)]) == 2
-    assert "other settings" in capsys.readouterr().err
+    assert "other settings (seeds 1 → 2)" in capsys.readouterr().err
 
 
 def test_jacobian_probes_do_not_change_training(corpus: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sysconfig
 from pathlib import Path
@@ -197,8 +198,241 @@ def test_cli_eval_and_generate(corpus: Path, tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["eval", str(run), "--depths", "1,2,4", "--batches", "2", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
-    assert "T" in out and (run / "eval" / "loss_by_depth.png").is_file()
-    results = json.loads((run / "eval" / "loss_by_depth.json").read_text())["results"]
+    (saved,) = (run / "eval").glob("loss-*.json")  # named by checkpoint and settings (parcae eval --help)
+    assert "T" in out and saved.with_suffix(".png").is_file()
+    results = json.loads(saved.read_text())["results"]
     assert [r["depth"] for r in results] == [1, 2, 4]
     assert main(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "8", "--steps", "2"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+
+
+# ---------------------------------------------------------------------- every family, budgets, user-facing options
+@pytest.fixture(scope="module")
+def prepared(corpus: Path, tmp_path_factory) -> Path:
+    """A few modules tokenized once (byte level), with a validation split: what the CLI runs below train on."""
+    from parcae.data.shards import prepare
+    from parcae.data.tokenizer import get_tokenizer
+
+    source = tmp_path_factory.mktemp("few")
+    for path in sorted(corpus.iterdir())[:8]:
+        (source / path.name).write_text(path.read_text())
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(str(source), get_tokenizer("byte"), out, val_fraction=0.25, progress=False)
+    return out
+
+
+def tiny_cli_run(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--seq-len", "32", "--batch-size", "2", "--out", str(out), "--no-progress",
+            "--set", "optimizer=adamw", "--set", "eval_batches=1", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["parcae-tiny", "rdm-add-tiny", "rdm-linear-tiny", "gpt-tiny"])
+def test_every_model_family_trains_through_the_cli(preset: str, prepared: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    # Depth 2 keeps the looped models fast; log_every=1 logs both steps.
+    extra = ("--set", "mean_recurrence=2", "--set", "log_every=1")
+    assert main(tiny_cli_run(prepared, run, "--preset", preset, "--steps", "2", *extra)) == 0
+    assert "step 1/2 · loss" in capsys.readouterr().out  # --no-progress: a status line instead of a bar
+    curve = losses(run)
+    assert sorted(curve) == [1, 2] and all(math.isfinite(loss) for loss in curve.values())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_val_loss"]
+    assert (run / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
+    assert json.loads((run / "run_config.json").read_text())["model"]["name"] == preset
+
+
+# Trainer-level runs below: the smallest that exercise what they test.
+FAST = dict(batch_size=2, seq_len=32, eval_batches=1, optimizer="adamw")
+
+
+class FakeClock:
+    """Stands in for the trainer's `time` module: seconds pass only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_a_time_budget_stops_before_a_step_would_overrun_it(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("parcae.train.trainer.time", clock)
+    validate = Trainer._validate
+
+    def slow_validation(self: Trainer):
+        clock.now += 8.0
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "_validate", slow_validation)
+
+    def six_seconds(step: int, _model) -> None:
+        clock.now += 6.0
+
+    model, train = small_run(prepared, **FAST, steps=None, minutes=1.0, eval_every=4)
+    trainer = Trainer(model, train, tmp_path / "run", progress_bar=False, echo=lambda _: None,
+                      on_backward=six_seconds)  # fmt: skip
+    summary = trainer.train()
+    # 4 steps and a validation: 32 s; then 38, 44, 50 s. An 8th step would end at 56 s, but the validation
+    # due after it (8 s, as the last one) at 64 s > 60 s: the run stops at 7 steps.
+    assert summary["steps"] == 7 and summary["train_seconds"] == 50.0
+    assert summary["wall_seconds"] == 58.0  # the closing validation is not budgeted but is reported
+
+
+def test_the_time_bar_never_shows_more_than_its_total(prepared: Path, tmp_path: Path) -> None:
+    model, train = small_run(prepared, **FAST, steps=None, minutes=0.5)
+    trainer = Trainer(model, train, tmp_path / "run", progress_bar=True, echo=lambda _: None)
+    bar = trainer._progress_bar()
+    trainer.progress.elapsed = 31.7  # a validation may end past the budget
+    trainer._update_bar(bar, {"loss": 2.0, "tok_per_s": 100.0})
+    assert (bar.n, bar.total) == (30, 30) and "30/30 s" in str(bar)
+    bar.close()
+
+
+def test_loop_times_and_the_budget_check() -> None:
+    from parcae.train.budget import LoopTimes, time_allows_step
+
+    times = LoopTimes(window=3)
+    assert times.estimate() is None and time_allows_step(59.0, 60.0, None)  # the first step: nothing known
+    times.add_step(30.0)  # a first step carries one-off warm-up ...
+    times.add_step(2.0)  # ... and is forgotten once a representative one exists
+    assert times.estimate() == 2.0
+    for seconds in (3.0, 1.0, 1.0):
+        times.add_step(seconds)
+    assert times.estimate() == 3.0
+    times.add_step(1.0)  # the window holds the last three
+    assert times.estimate() == 1.0
+    times.add_validation(4.0)
+    times.add_checkpoint(0.5)
+    assert times.estimate(validates=True) == 5.0 and times.estimate(validates=True, checkpoints=True) == 5.5
+    assert time_allows_step(59.0, 60.0, 1.0) and not time_allows_step(59.5, 60.0, 1.0)
+
+
+def test_status_lines_without_a_progress_bar(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("parcae.train.trainer.time", clock)
+    lines: list[str] = []
+
+    def seven_seconds(step: int, _model) -> None:
+        clock.now += 7.0
+
+    model, train = small_run(prepared, **FAST, steps=6, eval_every=100)
+    Trainer(model, train, tmp_path / "run", progress_bar=False, echo=lines.append, on_backward=seven_seconds,
+            status_every=10).train()  # fmt: skip
+    status = [line for line in lines if line.startswith("step ")]
+    # After the first step, then once 10 s have passed since the last line: at 7, 21 and 35 s.
+    assert [line.split(" · ")[0] for line in status] == ["step 1/6", "step 3/6", "step 5/6"]
+    assert all("loss" in line and "tok/s" in line and line.endswith("%)") for line in status)
+    assert status[1].endswith("21 s (50%)")
+
+
+def test_lr_help_says_what_it_sets_for_each_optimizer(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "AdamW learning rate" not in text
+    assert "muon_lr" in text and "optimizer=adamw, every parameter" in text
+
+
+def test_warmup_steps_and_fractions_give_the_same_schedule() -> None:
+    from parcae.train.schedule import scheduled_lr
+
+    common = dict(warmup=0.0, cooldown=0.3, min_ratio=0.1)
+    for kind in ("trapezoid", "cosine"):
+        for step in range(20):
+            by_steps = scheduled_lr(step, 0.0, 20, kind, **{**common, "warmup_steps": 5})
+            by_fraction = scheduled_lr(step, 0.0, 20, kind, **{**common, "warmup": 0.25, "warmup_steps": None})
+            assert math.isclose(by_steps, by_fraction), (kind, step)
+    # Under a time budget, the steps ramp multiplies the rest of the schedule.
+    assert math.isclose(scheduled_lr(1, 0.1, None, "constant", warmup=0.5, warmup_steps=4, cooldown=0.0), 1.5 / 4)
+    assert scheduled_lr(4, 0.1, None, "constant", warmup=0.5, warmup_steps=4, cooldown=0.0) == 1.0
+
+
+def test_resume_with_a_new_budget_keeps_the_warmup(prepared: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    model, train = small_run(prepared, **FAST, steps=2, warmup=0.5, cooldown=0.0, eval_every=100)
+    Trainer(model, train, run, progress_bar=False, echo=lambda _: None).train()
+    lines: list[str] = []
+
+    def stop(step: int, _model) -> None:
+        trainer.request_stop()  # one step of the new budget is enough
+
+    trainer = Trainer(None, TrainConfig(steps=8), run, resume=True, progress_bar=False, echo=lines.append,
+                      on_backward=stop)  # fmt: skip
+    trainer.train()
+    note = next(line for line in lines if line.startswith("resumed with a new budget"))
+    assert "budget 2 steps → 8 steps" in note and "warm-up kept at 1 step (" in note
+    assert json.loads((run / "run_config.json").read_text())["train"]["warmup_steps"] == 1
+    entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # 50 % of 8 steps would put step 3 back into the warm-up (LR × 2.5/4); the kept 1-step warm-up is over.
+    assert next(e["lr"] for e in entries if e.get("step") == 3 and "event" not in e) == train.lr
+    assert any(e.get("event") == "budget" and e["to"] == {"steps": 8} for e in entries)
+
+
+def test_list_keys_shows_every_key_with_its_type_default_and_help(capsys) -> None:
+    assert main(["train", "--list-keys", "--preset", "gpt-tiny"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    from dataclasses import fields
+
+    from parcae import ParcaeConfig
+
+    assert set(rows) == {f.name for f in fields(ParcaeConfig)} | {f.name for f in fields(TrainConfig)}
+    assert rows["n_prelude"].split()[1:3] == ["int", "6"]  # the preset's value
+    assert rows["warmup_steps"].split()[1:5] == ["int", "|", "null", "null"]
+    assert "wins over warmup" in rows["warmup_steps"]
+    assert "trapezoid | cosine | constant" in rows["schedule"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("mean_recurence=4", "did you mean 'mean_recurrence'?"),
+        ("model.dmodel=64", "unknown model field 'dmodel' in --set; did you mean 'd_model'?"),
+        ("train.learning_rate=1", "unknown training field 'learning_rate'"),
+        ("zzz=1", "(not a model or training field). `parcae train --list-keys` lists every key."),
+    ],
+)
+def test_an_unknown_set_key_suggests_close_matches_and_list_keys(override: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_overrides([override])
+    assert message in str(info.value) and "--list-keys" in str(info.value)
+
+
+def test_an_unknown_key_in_a_config_file_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("preset: parcae-micro\nmodel: {n_cores: 2}\n")
+    with pytest.raises(ValueError, match=r"unknown model field 'n_cores' in .*c.yaml; did you mean 'n_core'"):
+        build_configs(None, str(tmp_path / "c.yaml"), [], {"steps": 1})
+
+
+def test_vocab_size_follows_the_tokenizer_unless_given(corpus: Path, tmp_path: Path) -> None:
+    from parcae.data.tokenizer import train_bpe
+    from parcae.train.config import fit_vocab_to_tokenizer, sets_vocab
+
+    texts = [path.read_text() for path in sorted(corpus.iterdir())[:4]]
+    train_bpe(texts, 400).save(tmp_path / "tok")
+    model_cfg, train_cfg = build_configs("parcae-micro", None, [], {"tokenizer": str(tmp_path / "tok")})
+    assert not sets_vocab(None, [])
+    fitted, note = fit_vocab_to_tokenizer(model_cfg, train_cfg, explicit=False)
+    assert fitted.vocab_size == 448 and note.startswith("vocab_size 320 → 448 from the tokenizer (400 tokens")
+    assert fit_vocab_to_tokenizer(model_cfg, TrainConfig(), explicit=False) == (model_cfg, None)  # bytes: 320
+    explicit = model_cfg.replace(vocab_size=512)
+    assert sets_vocab(None, ["vocab_size=512"])
+    assert fit_vocab_to_tokenizer(explicit, train_cfg, explicit=True) == (explicit, None)
+    with pytest.raises(ValueError, match="vocab_size 384 is smaller than the tokenizer's 400 tokens"):
+        fit_vocab_to_tokenizer(model_cfg.replace(vocab_size=384), train_cfg, explicit=True)
+
+
+def test_a_run_without_validation_says_why(corpus: Path, tmp_path: Path, capsys) -> None:
+    from parcae.data.shards import val_split_note
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted(corpus.iterdir())[:3]:
+        (few / path.name).write_text(path.read_text())
+    run = tmp_path / "run"
+    assert main(tiny_cli_run(few, run, "--preset", "parcae-micro", "--steps", "1", "--set", "val_fraction=0")) == 0
+    reason = val_split_note(run / "data")
+    assert reason and "val_fraction is 0" in reason
+    assert f"note: {reason}" in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_val_loss"] is None and summary["validation"] == reason

@@ -19,6 +19,7 @@ from typing import NoReturn
 COMMAND_MODULES = (
     "parcae.train.cli",
     "parcae.eval.cli",
+    "parcae.eval.bundle",
     "parcae.infer.cli",
     "parcae.data.cli",
     "parcae.interop_cli",

@@ -69,33 +69,33 @@ def _type_name(kind: Any) -> str:
 class ParcaeConfig:
     """Shape and recipe of a Parcae model (or, with `n_core = 0`, a fixed-depth Transformer)."""
 
-    vocab_size: int = 32768
-    d_model: int = 768
-    n_heads: int = 6
+    vocab_size: int = 32768  # embedding / head rows (at least the tokenizer's vocabulary)
+    d_model: int = 768  # residual stream width
+    n_heads: int = 6  # attention heads of the prelude and coda blocks
     n_kv_heads: int | None = None  # None: = n_heads (no GQA)
     head_dim: int | None = None  # None: d_model // n_heads
     d_mlp: int | None = None  # None: 4 · d_model
-    n_prelude: int = 2
+    n_prelude: int = 2  # prelude blocks P (run once)
     n_core: int = 2  # 0 = fixed-depth Transformer (prelude + coda only)
-    n_coda: int = 2
+    n_coda: int = 2  # coda blocks C (run once, after the loop)
     d_state: int | None = None  # recurrent state width d_h; None: = d_model
-    max_seq_len: int = 2048
+    max_seq_len: int = 2048  # context length (rotary tables)
 
     # The loop.
-    injection: str = "diagonal"
-    prelude_norm: bool = True
+    injection: str = "diagonal"  # how e enters the loop (add, linear: the RDM baselines)
+    prelude_norm: bool = True  # RMSNorm on the prelude output e
     mean_recurrence: int = 8  # μ_rec: mean training depth, and the default test-time depth
     backprop_depth: int | None = None  # μ_bwd; None: ⌈μ_rec / 2⌉ (paper Eq. 6)
-    depth_sampling: str = "per-sequence"
-    state_init: str = "like-init"
+    depth_sampling: str = "per-sequence"  # T ~ Poisson(μ_rec) drawn per sequence, batch or token; fixed: T = μ_rec
+    state_init: str = "like-init"  # h₀: truncated normal (σ = init std), zero, or normal (σ = init std)
 
     # Blocks.
-    value_embeddings: bool = True
-    qk_norm: bool = True
-    mlp: str = "relu2"
-    tie_embeddings: bool = True
-    rope_base: float = 50_000.0
-    norm_eps: float = 1e-5
+    value_embeddings: bool = True  # gated value embeddings on alternating layers
+    qk_norm: bool = True  # RMSNorm on queries and keys
+    mlp: str = "relu2"  # MLP activation
+    tie_embeddings: bool = True  # the LM head shares the embedding matrix
+    rope_base: float = 50_000.0  # rotary embedding base
+    norm_eps: float = 1e-5  # RMSNorm ε
 
     # Explicit shapes, for checkpoints whose core or value embeddings do not follow the derived rules
     # (`parcae.interop` sets them when importing official weights). None keeps the derived value.
@@ -104,7 +104,7 @@ class ParcaeConfig:
     d_core_mlp: int | None = None  # None: d_mlp · d_state / d_model
     value_embedding_layers: tuple[int, ...] | None = None  # distinct-layer indices; None: alternating rule
 
-    name: str = field(default="custom", compare=False)
+    name: str = field(default="custom", compare=False)  # a label (presets set their name)
 
     def __post_init__(self) -> None:
         problem = field_type_error(self)

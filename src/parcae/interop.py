@@ -1,7 +1,7 @@
 """Official `parcae-lm` checkpoints ⇄ Parcae models, and the Hugging Face file layout of a model directory.
 
 `from_parcae_lm(state_dict, config_dict)` turns the official implementation's `state_dict()` and `config.json`
-(../shared/docs/official-format) into a `Parcae` whose logits match the official forward pass. What differs
+(as its `save_pretrained` writes them) into a `Parcae` whose logits match the official forward pass. What differs
 between the two implementations, and how the conversion bridges it (official-notes §1, §2, §9):
 
 - **RoPE layout.** The official code rotates interleaved pairs (2i, 2i+1) by pos·θ^(−2i/D); ours rotates
@@ -171,9 +171,12 @@ class ConversionReport:
     vocab_limit: int | None = None  # the tokenizer's vocabulary when the embedding is padded beyond it
 
     def summary(self) -> str:
-        lines = [f"converted {self.config.name}: {self.config.n_prelude}/{self.config.n_core}/{self.config.n_coda} "
-                 f"layers, d_model {self.config.d_model}, d_state {self.config.d_state}, "
-                 f"value embeddings on layers {list(self.config.value_embedding_layers or ())}"]  # fmt: skip
+        cfg = self.config
+        # Ask the config which layers use one: `value_embedding_layers` is None under the alternating rule
+        # (the usual case for our own runs), so printing the field would claim there are none.
+        layers = [i for i in range(cfg.n_layers) if cfg.has_value_embedding(i)]
+        lines = [f"converted {cfg.name}: {cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda} layers, d_model {cfg.d_model}, "
+                 f"d_state {cfg.d_state}, value embeddings on layers {layers}"]  # fmt: skip
         lines += [f"dropped {key}: {reason}" for key, reason in self.dropped.items()]
         lines += self.notes
         return "\n".join(lines)
@@ -617,7 +620,7 @@ def to_parcae_lm(model: Parcae) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def _official_config(cfg: ParcaeConfig) -> dict[str, Any]:
-    """The official config.json for our config (the fields of ../shared/docs/official-format/config.json)."""
+    """The official config.json for our config (the fields the official save_pretrained writes)."""
     rope_base = int(cfg.rope_base) if float(cfg.rope_base).is_integer() else cfg.rope_base
     return {
         "name": cfg.name,

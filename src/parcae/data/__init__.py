@@ -1,7 +1,7 @@
 """The data layer: tokenizers, document sources, prepared token shards, and best-fit row packing."""
 
 from .packing import BestFitPacker, rank_documents, val_batches
-from .shards import MemoryStore, ShardStore, TokenStore, is_prepared, prepare, token_dtype
+from .shards import MemoryStore, ShardStore, TokenStore, is_prepared, prepare, token_dtype, val_split_note
 from .sources import Document, SourceSpec, iter_documents, parse_spec, split_of, stdlib_summary
 from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer, load_tokenizer, train_bpe
 
@@ -27,4 +27,5 @@ __all__ = [
     "token_dtype",
     "train_bpe",
     "val_batches",
+    "val_split_note",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..cli_types import EPILOG_DATA, positive_int
@@ -22,7 +23,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     tok_train.add_argument("--data", required=True, help="data spec")
     tok_train.add_argument("--vocab-size", type=positive_int, required=True)
     tok_train.add_argument("--out", required=True, metavar="DIR")
-    tok_train.add_argument("--max-chars", type=positive_int, help="stop reading after this many characters")
+    tok_train.add_argument(
+        "--max-chars",
+        type=positive_int,
+        help="read at most this many characters in all (default: the whole corpus; a warning says when it cuts)",
+    )
     tok_train.add_argument("--text-field", default="text")
 
     tok_train.set_defaults(handler=cmd_tokenizer)
@@ -60,10 +65,13 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .shards import prepare
+    from .shards import prepare, val_split_note
     from .tokenizer import get_tokenizer
 
     summary = prepare(args.spec, get_tokenizer(args.tokenizer), args.out, text_field=args.text_field,
                       val_fraction=args.val_fraction, max_tokens=args.max_tokens)  # fmt: skip
     print(json.dumps(summary, indent=2, default=str))
+    note = val_split_note(args.out)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
     return 0

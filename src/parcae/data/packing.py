@@ -6,13 +6,19 @@ Each row holds `seq_len + 1` tokens; a batch is (inputs = row[:-1], labels = row
    across ranks no document is read twice or skipped.
 2. Order. Epoch `e` visits the rank's documents in the permutation drawn from
    `np.random.default_rng((seed, e, rank))` (in store order with `shuffle=False`).
-3. Buffer. Up to `buffer_size` pending pieces `(doc, start, end)`, kept sorted by length, are refilled
-   from the permutation before each row; the next epoch starts when one ends (`loop=True`).
+3. Buffer. Before every pick the buffer of pending pieces `(doc, start, end)`, kept sorted by length, is
+   topped up to `buffer_size` pieces with the current epoch's next documents (empty ones are skipped).
+   It draws only from the current epoch: once the permutation is used up the buffer drains, and the
+   next epoch starts only when the current one is used up (permutation exhausted and buffer empty), so
+   within an epoch every token of the rank's documents is placed exactly once, however few or long the
+   documents are. A row still being filled when an epoch runs out continues with the next epoch's
+   documents (`loop=True`); with `loop=False` the stream ends there instead.
 4. Best fit. A row is filled greedily with the largest pending piece that fits the space left. When
    none fits, the largest piece is cut: its prefix fills the row exactly and the remainder returns to
    the buffer as a continuation piece (a "crop"; tokens placed from continuations count, once each, as
-   "carried"). No token is ever dropped, long documents span rows, and since every stored document
-   opens with BOS, every document's first piece does too; only continuation pieces start mid-document.
+   "carried"). No token is ever dropped, long documents span rows (a single long document fills
+   consecutive rows with consecutive text), and since every stored document opens with BOS, every
+   document's first piece does too; only continuation pieces start mid-document.
 5. End. Padding (`pad_id` in inputs, -100 in labels) appears only once the data runs out with
    `loop=False`: the last row is padded, the last batch may have fewer rows (never an all-padding
    row), and the next `next_batch` raises `StopIteration` (the packer is also an iterator).
@@ -90,28 +96,33 @@ class BestFitPacker:
             return np.arange(n, dtype=np.int64)
         return np.random.default_rng((self.seed, epoch, self.rank)).permutation(n)
 
-    def _refill(self) -> None:
+    def _draw(self) -> None:
+        """Top the buffer up with the current epoch's next documents; never crosses into the next epoch."""
         buffer, perm = self._buffer, self._perm
-        while len(buffer) < self.buffer_size:
-            if self._cursor == len(perm):
-                if not self.loop:
-                    return
-                self._epoch += 1
-                self._perm = perm = self._permutation(self._epoch)
-                self._cursor = 0
+        while len(buffer) < self.buffer_size and self._cursor < len(perm):
             doc = self._docs[int(perm[self._cursor])]
             self._cursor += 1
-            if self._cursor == len(perm):
-                self._stats["epochs"] += 1
             n = int(self._lengths[doc])
             if n:
                 insort(buffer, (n, doc, 0, n))
+
+    def _refill(self) -> None:
+        """`_draw`, first starting the next epoch if the current one is used up (and the stream loops)."""
+        self._draw()
+        if not self._buffer and self.loop:  # permutation exhausted and buffer empty: the epoch is used up
+            self._epoch += 1
+            self._perm = self._permutation(self._epoch)
+            self._cursor = 0
+            self._draw()  # not empty: the constructor checked that this rank has tokens
 
     def _fill_row(self, row: np.ndarray) -> int:
         """Best-fit pieces into `row`; returns how many tokens were placed (< len(row) only at the end)."""
         buffer, store = self._buffer, self.store
         space, pos = row.size, 0
-        while space and buffer:
+        while space:
+            self._refill()
+            if not buffer:  # loop=False and the data is spent
+                break
             i = bisect_right(buffer, (space, sys.maxsize)) - 1  # largest piece with length <= space
             if i >= 0:
                 n, doc, start, end = buffer.pop(i)
@@ -126,6 +137,10 @@ class BestFitPacker:
             row[pos : pos + n] = store.doc(doc)[start:end]
             pos += n
             space -= n
+            if not buffer:
+                self._draw()
+                if not buffer:  # that was the epoch's last token: count it now, whether or not another follows
+                    self._stats["epochs"] += 1
         return pos
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +149,10 @@ class BestFitPacker:
         rows = np.full((self.batch_size, width), self.pad_id, dtype=np.int64)
         filled: list[int] = []
         for b in range(self.batch_size):
-            self._refill()
-            if not self._buffer:
+            n = self._fill_row(rows[b])
+            if not n:  # the data ran out at a row boundary: no all-padding row
                 break
-            filled.append(self._fill_row(rows[b]))
+            filled.append(n)
         if not filled:
             raise StopIteration
         rows = rows[: len(filled)]
@@ -159,7 +174,7 @@ class BestFitPacker:
     # ------------------------------------------------------------------ telemetry and resumption
     def stats(self) -> dict[str, Any]:
         """Counts so far: rows, tokens (non-padding), padding_tokens, padding_fraction, crops, carried_tokens,
-        epochs (passes over this rank's documents whose last document has entered the buffer)."""
+        epochs (passes over this rank's documents whose every token has been placed)."""
         out: dict[str, Any] = dict(self._stats)
         total = out["rows"] * (self.seq_len + 1)
         out["padding_fraction"] = out["padding_tokens"] / total if total else 0.0

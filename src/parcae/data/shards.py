@@ -2,7 +2,7 @@
 
 Layout written by `prepare(spec, tokenizer, out_dir)`:
 
-    out_dir/dataset.json        summary (spec, tokenizer, per-split counts); written last
+    out_dir/dataset.json        summary (spec, tokenizer, per-split counts, "val_fallback"); written last
     out_dir/tokenizer.json      the tokenizer (`load_tokenizer(out_dir)` gets it back)
     out_dir/{train,val}/
         shard-00000.bin ...     raw little-endian uint16 tokens (uint32 when vocab_size > 65536)
@@ -15,6 +15,11 @@ document never straddles two shards, so `doc(i)` is always a view into one memor
 closed before a document that would overflow `shard_tokens` (a single longer document gets a shard to
 itself). Everything is written into a hidden sibling directory that is renamed into place at the end,
 so a crash leaves no half-written directory that `is_prepared` would accept.
+
+The split is the source's (`sources.split_of`, per piece of a long document). When hashing leaves "val"
+empty although there are at least two pieces, `prepare` holds out one train piece (the first in
+`sources.fallback_key` order) and records its id as "val_fallback"; this directory is then the source
+of truth for the split. `val_split_note` says, in one sentence, why a prepared val split is empty.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
@@ -33,7 +39,7 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
-from .sources import Document, iter_documents, split_of
+from .sources import Document, fallback_key, iter_documents, split_of
 from .tokenizer import Tokenizer
 
 FORMAT = "parcae-shards"
@@ -236,11 +242,11 @@ class ShardStore:
         """Recompute every shard's sha256 (and the offsets'); `ValueError` names the first file that does not match."""
         offsets = self.directory / OFFSETS_FILE
         expected = self.index.get("offsets_sha256")  # absent in directories prepared before it was recorded
-        if expected is not None and _sha256_file(offsets) != expected:
+        if expected is not None and sha256_file(offsets) != expected:
             raise ValueError(f"{offsets} fails its sha256 check: the file is corrupt; re-run prepare.")
         for shard in self.index["shards"]:
             path = self.directory / shard["file"]
-            digest = _sha256_file(path)
+            digest = sha256_file(path)
             if digest != shard["sha256"]:
                 raise ValueError(f"Shard {path} fails its sha256 check: the file is corrupt; re-run prepare.")
 
@@ -255,7 +261,7 @@ def is_prepared(path: str | Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(_HASH_CHUNK_BYTES):
@@ -296,6 +302,10 @@ class _SplitWriter:
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
         directory.mkdir(parents=True)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.starts)
 
     def add(self, tokens: np.ndarray) -> None:
         n = tokens.size
@@ -341,7 +351,7 @@ class _SplitWriter:
             "num_docs": len(self.starts),
             "num_tokens": self.num_tokens,
             "offsets": OFFSETS_FILE,
-            "offsets_sha256": _sha256_file(self.directory / OFFSETS_FILE),
+            "offsets_sha256": sha256_file(self.directory / OFFSETS_FILE),
             "shards": self.shards,
         }
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
@@ -391,8 +401,11 @@ def prepare(
 ) -> dict[str, Any]:
     """Tokenize every document of `spec` into `out_dir` (layout in the module docstring); returns the summary.
 
-    One pass over the source: each document goes to train or val by its id (see `sources.split_of`).
-    With `max_tokens`, reading stops after the document that brings the total (both splits) to at least
+    One pass over the source: each piece goes to train or val by its id (see `sources.split_of`). If
+    that leaves val empty while `val_fraction` > 0 and train holds at least two pieces, a second pass
+    holds out the train piece that comes first in `sources.fallback_key` order (the split then depends
+    only on the set of ids, so it is stable; it happens only for corpora of a few pieces). With
+    `max_tokens`, reading stops after the document that brings the total (both splits) to at least
     `max_tokens`. An existing non-empty `out_dir` is only replaced with `overwrite=True`.
     """
     if shard_tokens < 1:
@@ -405,9 +418,29 @@ def prepare(
     started = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _SplitWriter(tmp / s, dtype, shard_tokens) for s in SPLIT_DIRS}
-    try:
+    fallback: list[str] = []
+
+    def tokenize_pass(forced_val: frozenset[str]) -> tuple[bool, str | None]:
         docs = iter_documents(spec, "all", text_field=text_field, val_fraction=val_fraction, load_kwargs=load_kwargs)
-        truncated = _tokenize_into(docs, tokenizer, writers, val_fraction, max_tokens, progress, spec)
+        return _tokenize_into(docs, tokenizer, writers, val_fraction, forced_val, max_tokens, progress, spec)
+
+    try:
+        truncated, first_train = tokenize_pass(frozenset())
+        if val_fraction > 0 and writers["val"].num_docs == 0 and writers["train"].num_docs >= 2:
+            assert first_train is not None
+            fallback = [first_train]
+            num_pieces = writers["train"].num_docs
+            for s in SPLIT_DIRS:  # start over: the held-out piece may sit anywhere in the train shards
+                writers[s].abort()
+                shutil.rmtree(tmp / s)
+                writers[s] = _SplitWriter(tmp / s, dtype, shard_tokens)
+            truncated, _ = tokenize_pass(frozenset(fallback))
+            if progress:
+                print(
+                    f"note: none of the {num_pieces} pieces fell into the validation split by hash; "
+                    f"{first_train!r} is held out instead (val_fallback in {DATASET_FILE}).",
+                    file=sys.stderr,
+                )
         meta = {
             "dtype": dtype.name,
             "vocab_size": tokenizer.vocab_size,
@@ -422,6 +455,7 @@ def prepare(
             **meta,
             "text_field": text_field,
             "val_fraction": val_fraction,
+            "val_fallback": fallback,
             "max_tokens": max_tokens,
             "truncated": truncated,
             "splits": splits,
@@ -441,28 +475,77 @@ def _tokenize_into(
     tokenizer: Tokenizer,
     writers: dict[str, _SplitWriter],
     val_fraction: float,
+    forced_val: frozenset[str],
     max_tokens: int | None,
     progress: bool,
     spec: str,
-) -> bool:
-    """Stream `docs` into the writers; True when stopped early by `max_tokens`."""
+) -> tuple[bool, str | None]:
+    """Stream `docs` into the writers. Returns (stopped early by `max_tokens`, the train piece that comes
+    first in `fallback_key` order, or None when train is empty)."""
     from tqdm.auto import tqdm
 
     total = 0
+    first_train: tuple[int, str] | None = None
     bos = np.array([tokenizer.bos_id], dtype=np.int64)
     with tqdm(desc=f"prepare {spec}", unit="doc", unit_scale=True, disable=not progress) as bar:
         for chunk in _chunks(docs):
             encoded = tokenizer.encode_batch([d.text for d in chunk])
             for done, (doc, ids) in enumerate(zip(chunk, encoded, strict=True), start=1):
                 tokens = np.concatenate([bos, np.asarray(ids, dtype=np.int64)])
-                writers[split_of(doc.id, val_fraction)].add(tokens)
+                split = split_of(doc.id, val_fraction, forced_val)
+                writers[split].add(tokens)
+                if split == "train":
+                    key = fallback_key(doc.id)
+                    first_train = key if first_train is None else min(first_train, key)
                 total += tokens.size
                 if max_tokens is not None and total >= max_tokens:
                     bar.update(done)
-                    return True
+                    return True, None if first_train is None else first_train[1]
             bar.update(len(chunk))
             bar.set_postfix(tokens=f"{total:,}", refresh=False)
-    return False
+    return False, None if first_train is None else first_train[1]
+
+
+def val_split_note(data_dir: str | Path) -> str | None:
+    """None when the prepared `data_dir`'s validation split holds tokens; otherwise one sentence saying why
+    it is empty and what to do instead, for any tool to print (prefixed with "warning: " or "note: ")."""
+    data_dir = Path(data_dir)
+    evaluate = "evaluate with `parcae eval RUN --data SPEC`"
+    val_index = data_dir / "val" / INDEX_FILE
+    if not val_index.is_file():
+        return f"{data_dir} has no validation split (no val/{INDEX_FILE}); prepare the data again, or {evaluate}."
+    if _read_json(val_index).get("num_tokens", 0) > 0:
+        return None
+    dataset = _read_json(data_dir / DATASET_FILE) if (data_dir / DATASET_FILE).is_file() else {}
+    train_index = data_dir / "train" / INDEX_FILE
+    train = _read_json(train_index) if train_index.is_file() else {}
+    pieces, tokens = int(train.get("num_docs", 0)), int(train.get("num_tokens", 0))
+    where = f"the validation split of {data_dir} is empty"
+    if dataset.get("val_fraction") == 0:
+        return f"{where} because val_fraction is 0; prepare the data with a val_fraction above 0, or {evaluate}."
+    if pieces == 0:
+        return f"{where} because the corpus holds no text; give more text, or {evaluate}."
+    if pieces == 1:  # a document longer than LONG_DOC_CHARS is always several pieces
+        corpus = "reading stopped at max_tokens after" if dataset.get("truncated") else "the corpus is"
+        return (
+            f"{where} because {corpus} a single document of {tokens:,} tokens, so nothing can be held out; "
+            f"give more text, or {evaluate}."
+        )
+    # Only a directory prepared before the fallback existed gets here: re-preparing holds a piece out.
+    return (
+        f"{where}: none of its {pieces:,} pieces fell into it by hash; prepare the data again (one piece is then "
+        f"held out), give more text, a larger val_fraction, or {evaluate}."
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object.")
+    return data
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -10,9 +10,21 @@ Specs:
   `hf:NAME[:CONFIG][@SPLIT]`    a streamed Hugging Face dataset (`SPLIT` defaults to "train");
                                 id = `NAME:INDEX`.
 
-Train/val: every document goes to "val" iff a stable hash (BLAKE2b) of its id, mod 10 000, is below
+Long documents: a document longer than LONG_DOC_CHARS characters is cut into pieces of about
+PIECE_CHARS characters (`cut_text`: at the last newline in the second half of each window, else at the
+window's end; the pieces concatenate back to the text exactly), with ids `ID#0`, `ID#1`, … Everything
+downstream sees the pieces as documents (each stored as BOS + tokens). Two reasons: the split below
+works per document, so a corpus of one long file (a book, a log) would otherwise have no held-out part
+at all; and the packer shuffles documents, so a 1 MB document would otherwise be one unit of shuffling
+that fills hundreds of consecutive rows. Documents up to LONG_DOC_CHARS keep their own id.
+
+Train/val: every piece goes to "val" iff a stable hash (BLAKE2b) of its id, mod 10 000, is below
 `val_fraction · 10 000`. The assignment depends only on the id, so it survives re-ordering, re-reading
-and growing the corpus, and never needs a second pass over a stream.
+and growing the corpus, and never needs a second pass over a stream. A corpus of a few pieces can end up
+with none in "val"; `shards.prepare` then holds out the piece that comes first in `fallback_key` order
+and records it as "val_fallback" in dataset.json. `iter_documents` cannot know that without reading the
+whole source first, so it applies only the ids it is given as `forced_val`: for training and evaluation
+the prepared directory is the source of truth for the split.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +42,8 @@ from typing import Any
 SPLITS = ("train", "val", "all")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _HASH_BUCKETS = 10_000
+LONG_DOC_CHARS = 65_536  # longer documents are cut into pieces (module docstring)
+PIECE_CHARS = 8_192
 _SKIPPED_STDLIB_DIRS = ("site-packages", "dist-packages")
 
 
@@ -69,11 +83,51 @@ def parse_spec(spec: str) -> SourceSpec:
     return SourceSpec("path", path=Path(spec).expanduser())
 
 
-def split_of(doc_id: str, val_fraction: float) -> str:
-    """ "val" or "train" for a document id, by a stable hash (see the module docstring)."""
+def _id_hash(doc_id: str) -> int:
     digest = hashlib.blake2b(doc_id.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
-    bucket = int.from_bytes(digest, "little") % _HASH_BUCKETS
-    return "val" if bucket < val_fraction * _HASH_BUCKETS else "train"
+    return int.from_bytes(digest, "little")
+
+
+def split_of(doc_id: str, val_fraction: float, forced_val: Collection[str] = frozenset()) -> str:
+    """ "val" or "train" for a piece id, by a stable hash (see the module docstring); ids in `forced_val`
+    (prepare's fallback) are "val" whatever their hash."""
+    if doc_id in forced_val:
+        return "val"
+    return "val" if _id_hash(doc_id) % _HASH_BUCKETS < val_fraction * _HASH_BUCKETS else "train"
+
+
+def fallback_key(doc_id: str) -> tuple[int, str]:
+    """Order in which train pieces are held out when hashing leaves "val" empty: smallest hash, then id.
+
+    It depends only on the id, so the same piece is chosen on every run, machine and file order."""
+    return _id_hash(doc_id), doc_id
+
+
+def cut_text(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `piece_chars` characters that concatenate back to it.
+
+    Each piece ends after the last newline in the second half of its window when there is one (so
+    pieces end at line ends in prose and code), else at the window's end.
+    """
+    if piece_chars < 1:
+        raise ValueError(f"piece_chars must be positive; got {piece_chars}.")
+    start = 0
+    while len(text) - start > piece_chars:
+        window_end = start + piece_chars
+        newline = text.rfind("\n", start + piece_chars // 2, window_end)
+        end = newline + 1 if newline >= 0 else window_end
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
+def split_long(doc: Document) -> Iterator[Document]:
+    """`doc` itself, or its pieces `ID#k` when it is longer than LONG_DOC_CHARS (module docstring)."""
+    if len(doc.text) <= LONG_DOC_CHARS:
+        yield doc
+        return
+    for k, piece in enumerate(cut_text(doc.text)):
+        yield Document(f"{doc.id}#{k}", piece)
 
 
 # ---------------------------------------------------------------------------------------------- stdlib
@@ -249,10 +303,13 @@ def iter_documents(
     *,
     text_field: str = "text",
     val_fraction: float = 0.01,
+    forced_val: Collection[str] = frozenset(),
     load_kwargs: Mapping[str, Any] | None = None,
 ) -> Iterator[Document]:
     """Documents of `spec` in `split` ("train", "val" or "all"), in the source's deterministic order.
 
+    Documents longer than LONG_DOC_CHARS come as their pieces; the split is by hash of the piece id,
+    plus the ids in `forced_val` (a prepared directory's "val_fallback", to reproduce its split).
     Spec and path errors raise `ValueError` here, at the call; a source whose requested split turns out
     empty raises `ValueError` when the iteration ends. `load_kwargs` go to `datasets.load_dataset` for
     `hf:` specs (e.g. `data_files` for `hf:json`).
@@ -270,14 +327,17 @@ def iter_documents(
         docs = _iter_path(parsed.path, text_field)
     else:
         docs = _iter_hf(parsed, text_field, load_kwargs or {})
-    return _filtered(docs, spec, split, val_fraction)
+    return _filtered(docs, spec, split, val_fraction, frozenset(forced_val))
 
 
-def _filtered(docs: Iterator[Document], spec: str, split: str, val_fraction: float) -> Iterator[Document]:
+def _filtered(
+    docs: Iterator[Document], spec: str, split: str, val_fraction: float, forced_val: frozenset[str]
+) -> Iterator[Document]:
     count = 0
     for doc in docs:
-        if split == "all" or split_of(doc.id, val_fraction) == split:
-            count += 1
-            yield doc
+        for piece in split_long(doc):
+            if split == "all" or split_of(piece.id, val_fraction, forced_val) == split:
+                count += 1
+                yield piece
     if count == 0:
         raise ValueError(f"Data source {spec!r} has no documents in split {split!r}.")

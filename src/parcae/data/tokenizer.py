@@ -14,11 +14,14 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from .sources import LONG_DOC_CHARS, cut_text
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -256,29 +259,54 @@ def _new_bpe() -> Any:
     return tok
 
 
-def _capped(texts: Iterable[str], max_chars: int | None, doc_cap: int) -> Iterator[str]:
-    seen = 0
-    for text in texts:
-        if max_chars is not None and seen >= max_chars:
-            return
-        piece = text[:doc_cap]
-        seen += len(piece)
-        yield piece
+class _TrainingText:
+    """The texts fed to the BPE trainer: every character, long texts in pieces, up to `max_chars` in all.
+
+    Long texts are streamed as `sources.cut_text` pieces instead of one huge string, so the trainer's
+    batches stay small (pieces end at line ends where there are any, so few words are split). Counts
+    what was read and whether `max_chars` left text unread.
+    """
+
+    def __init__(self, texts: Iterable[str], max_chars: int | None) -> None:
+        self.texts, self.max_chars = texts, max_chars
+        self.chars = 0
+        self.capped = False
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            pieces = cut_text(text) if len(text) > LONG_DOC_CHARS else (text,)
+            for piece in pieces:
+                if not piece:
+                    continue
+                if self.max_chars is not None and self.chars + len(piece) > self.max_chars:
+                    piece = piece[: self.max_chars - self.chars]
+                    self.capped = True  # there is text beyond the cap: say so (train_bpe warns)
+                self.chars += len(piece)
+                if piece:
+                    yield piece
+                if self.capped:
+                    return
 
 
-def train_bpe(
-    texts: Iterable[str], vocab_size: int, *, max_chars: int | None = None, doc_cap: int = 10_000
-) -> BPETokenizer:
-    """Train a byte-level BPE with `vocab_size` ids (the last three are the specials).
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
-    Each document contributes at most `doc_cap` characters, and training stops after `max_chars`
-    characters in total. All 256 byte symbols are in the initial alphabet, so any text round-trips.
-    If the corpus supports fewer merges, the vocabulary comes out smaller than asked.
+
+def train_bpe(texts: Iterable[str], vocab_size: int, *, max_chars: int | None = None) -> BPETokenizer:
+    """Train a byte-level BPE with `vocab_size` ids (the last three are the specials) on every character
+    of `texts` (long texts are fed in pieces, none is cut short).
+
+    `max_chars` caps the characters read in all (the first `max_chars`, in order); when it leaves text
+    unread a warning on stderr says so. All 256 byte symbols are in the initial alphabet, so any text
+    round-trips. If the text supports fewer merges (a merge needs a pair seen at least twice), the
+    vocabulary comes out smaller than asked, with a warning that gives both sizes.
     """
     from tokenizers import pre_tokenizers, trainers
 
     if vocab_size < 256 + len(SPECIALS):
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIALS)} (bytes + specials); got {vocab_size}.")
+    if max_chars is not None and max_chars < 0:
+        raise ValueError(f"max_chars must be non-negative; got {max_chars}.")
     tok = _new_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(SPECIALS),
@@ -287,9 +315,18 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(_capped(texts, max_chars, doc_cap), trainer=trainer)
+    feed = _TrainingText(texts, max_chars)
+    tok.train_from_iterator(feed, trainer=trainer)
     tok.add_special_tokens(list(SPECIALS))  # appended after the learned vocabulary, as in ByteTokenizer
-    return BPETokenizer(tok)
+    bpe = BPETokenizer(tok)
+    if feed.capped:
+        _warn(f"max_chars: the tokenizer was trained on the first {feed.chars:,} characters; the rest was not read.")
+    if bpe.vocab_size < vocab_size:
+        _warn(
+            f"the text supports a vocabulary of {bpe.vocab_size:,} tokens, not the {vocab_size:,} asked for "
+            f"({feed.chars:,} characters read); give more (or more varied) text for a larger one."
+        )
+    return bpe
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -26,7 +26,9 @@ still drawn from the whole file.
 
 Scores: accuracy per task; centered accuracy (acc − b)/(1 − b) with b the random baseline; CORE = mean
 centered accuracy over tasks ("CORE-18" for the full shared subset; not comparable to published 22-task
-CORE). Each seed changes both the few-shot draw and h₀; figures are mean ± population std over seeds.
+CORE). Each seed changes the few-shot draw and (for a looped model with a random h₀) h₀; figures are mean ±
+population std over seeds. Seeds that change neither (a 0-shot task of a model without a seeded h₀) are
+scored once and their results copied.
 boolq's baseline is its majority-class rate (62.2 %), as in DCLM's CORE metadata: a model that always
 answers "yes" then scores 0 rather than 0.24.
 
@@ -47,7 +49,7 @@ import numpy as np
 
 from ..data.tokenizer import Tokenizer
 from ..model.parcae import Parcae
-from .scoring import Row, check_depths, make_row, score_groups
+from .scoring import Row, check_depths, make_row, score_groups, seed_changes_h0, tokens_fed
 
 MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "language_modeling"
 KIND_LABELS = {MULTIPLE_CHOICE: "MC", SCHEMA: "schema", LANGUAGE_MODELING: "LM"}
@@ -364,6 +366,12 @@ class CoreResult:
         return "\n".join(lines)
 
 
+def layer_passes(config: Any, depth: int) -> int:
+    """Blocks a token runs through at test-time depth `depth` (prelude, `depth` × core, coda): what a token costs
+    at that depth, the unit of the CORE progress bar."""
+    return config.n_prelude + config.n_coda + (depth * config.n_core if config.is_looped else 0)
+
+
 def evaluate_core(
     model: Parcae,
     tokenizer: Tokenizer,
@@ -382,7 +390,10 @@ def evaluate_core(
 
     `fewshot` overrides every task's shot count; `batch_size` counts rows (options), and the options of
     an example are always scored together; `max_len` defaults to the model's context. One JSON line per
-    (example, depth, seed) goes to `predictions` when given.
+    (example, depth, seed) goes to `predictions` when given. A seed changes a task's scores only through its
+    few-shot draw and h₀: where neither depends on it (a 0-shot task, and a model whose h₀ does not depend on the
+    seed), later seeds repeat the first seed's results and are copied instead of scored again.
+    The progress bar counts tokens fed × `layer_passes`, so equal steps of it cost about the same time.
     """
     depths = check_depths(depths)
     seeds = list(seeds)
@@ -395,22 +406,31 @@ def evaluate_core(
     max_len = max_len or model.config.max_seq_len
     shots = [t.shots if fewshot is None else fewshot for t in tasks]
     chosen = [subset(len(t.examples), max_per_task) for t in tasks]
-    accuracy = np.zeros((len(depths), len(seeds), len(tasks)))
-    from tqdm.auto import tqdm
-
-    total_rows = sum(len(t.examples[i].contexts) for t, idx in zip(tasks, chosen, strict=True) for i in idx)
-    bar = tqdm(total=total_rows * len(depths) * len(seeds), desc="CORE", unit="row", disable=not progress)
-    with bar:
-        for s, seed in enumerate(seeds):
-            owners: list[tuple[int, int]] = []  # (task, example index) of each group
-            groups: list[EncodedExample] = []
-            for t, task in enumerate(tasks):
+    h0 = seed_changes_h0(model.config)
+    repeats = [not h0 and min(k, len(t.examples) - 1) <= 0 for t, k in zip(tasks, shots, strict=True)]
+    plans: list[tuple[list[tuple[int, int]], list[EncodedExample]]] = []  # per seed: (task, example) and rows
+    for s, seed in enumerate(seeds):
+        owners: list[tuple[int, int]] = []
+        groups: list[EncodedExample] = []
+        for t, task in enumerate(tasks):
+            if s == 0 or not repeats[t]:
                 groups += encode_examples(task, chosen[t], tokenizer, seed=seed, shots=shots[t], max_len=max_len)
                 owners += [(t, i) for i in chosen[t]]
+        plans.append((owners, groups))
+    accuracy = np.zeros((len(depths), len(seeds), len(tasks)))
+    first: dict[tuple[int, int], list[dict[str, Any]]] = {}  # (depth, task): the first seed's records
+    from tqdm.auto import tqdm
+
+    passes = [layer_passes(model.config, depth) for depth in depths]
+    total = sum(tokens_fed(model, [g.rows for g in groups]) for _, groups in plans) * sum(passes)
+    # smoothing=0: the ETA uses the mean rate since the start, not the last few batches' (which swings with load).
+    bar = tqdm(total=total, desc="CORE", unit=" token-layers", unit_scale=True, smoothing=0, disable=not progress)
+    with bar:
+        for s, (seed, (owners, groups)) in enumerate(zip(seeds, plans, strict=True)):
             for d, depth in enumerate(depths):
                 scores = score_groups(model, [g.rows for g in groups], batch_size=batch_size, num_steps=depth,
                                       state_seed=seed, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size,
-                                      on_batch=bar.update)  # fmt: skip
+                                      on_tokens=lambda fed, n=passes[d]: bar.update(fed * n))  # fmt: skip
                 for (t, i), group, row_scores in zip(owners, groups, scores, strict=True):
                     task, example = tasks[t], tasks[t].examples[i]
                     losses = [r.mean_nll for r in row_scores]
@@ -420,14 +440,23 @@ def evaluate_core(
                         pred = int(np.argmin(losses))  # ties go to the first option
                         correct = pred == example.gold
                     accuracy[d, s, t] += correct
+                    record = {"task": task.name, "line": example.line, "depth": depth, "seed": seed,
+                              "correct": bool(correct), "mean_nll": [round(x, 6) for x in losses],
+                              "fewshot_lines": [task.examples[j].line for j in group.fewshot],
+                              "truncated": group.truncated}  # fmt: skip
+                    if pred is not None:
+                        record.update(gold=example.gold, pred=pred)
+                    if s == 0 and repeats[t]:
+                        first.setdefault((d, t), []).append(record)
                     if predictions is not None:
-                        record = {"task": task.name, "line": example.line, "depth": depth, "seed": seed,
-                                  "correct": bool(correct), "mean_nll": [round(x, 6) for x in losses],
-                                  "fewshot_lines": [task.examples[j].line for j in group.fewshot],
-                                  "truncated": group.truncated}  # fmt: skip
-                        if pred is not None:
-                            record.update(gold=example.gold, pred=pred)
                         predictions.write(json.dumps(record) + "\n")
+                for t in range(len(tasks)):
+                    if s == 0 or not repeats[t]:
+                        continue
+                    # The same prompts and h₀ as the first seed: the same results, copied.
+                    accuracy[d, s, t] = accuracy[d, 0, t]
+                    if predictions is not None:
+                        predictions.writelines(json.dumps({**r, "seed": seed}) + "\n" for r in first.get((d, t), []))
     counts = np.array([len(idx) for idx in chosen], dtype=float)
     return CoreResult(tasks=list(tasks), shots=shots, examples=[len(idx) for idx in chosen], depths=depths,
                       seeds=seeds, accuracy=accuracy / counts)  # fmt: skip

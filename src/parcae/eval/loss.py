@@ -92,7 +92,8 @@ def loss_by_depth(
         weights = weights.to(device)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(seeds) * len(depths) * len(batches), desc="loss", unit="batch", disable=not progress)
+    bar = tqdm(total=len(seeds) * len(depths) * len(batches), desc="loss", unit="batch", smoothing=0,
+               disable=not progress)  # fmt: skip
     sums = {(depth, seed): _Sums() for depth in depths for seed in seeds}
     with evaluating(model), bar, torch.no_grad():
         for seed in seeds:

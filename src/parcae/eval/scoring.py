@@ -56,6 +56,12 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def seed_changes_h0(config: Any) -> bool:
+    """Whether `state_seed` changes a model's outputs: only a looped model with a random h₀ depends on it (a
+    fixed-depth model has no h₀; a zero h₀ is the same for every seed), so anything else needs one seed."""
+    return bool(config.is_looped and config.state_init != "zero")
+
+
 def check_depths(depths: Sequence[int]) -> list[int]:
     """The depths as a list; ValueError unless there is at least one and each is a positive integer."""
     depths = list(depths)
@@ -187,6 +193,11 @@ class SharedPrompt:
     rows: tuple[int, ...]  # the rows' indices in the list given to `share_prompts`
 
     @property
+    def fed(self) -> int:
+        """Tokens fed through the model for it: the context once, each continuation but its last token."""
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
+    @property
     def columns(self) -> int:
         """Cache columns of its longest row (the last continuation token is only a label, never fed)."""
         return len(self.context) + max(len(c) for c in self.continuations) - 1
@@ -297,6 +308,25 @@ def pack_prompts(
     return _greedy_batches(order, fits)
 
 
+def _units(
+    model: nn.Module, rows: Sequence[Row], groups: Sequence[Sequence[Row]], share: bool
+) -> tuple[list[list[int]], list[SharedPrompt]]:
+    """How `score_groups` scores `rows`: units of row indices for one-pass batches, and shared prompts."""
+    if share and isinstance(model, Parcae):
+        prompts = share_prompts(rows)
+        return [list(p.rows) for p in prompts if len(p.rows) == 1], [p for p in prompts if len(p.rows) > 1]
+    offsets = np.cumsum([0, *(len(group) for group in groups)]).tolist()
+    return [list(range(offsets[g], offsets[g + 1])) for g in range(len(groups))], []
+
+
+def tokens_fed(model: nn.Module, groups: Sequence[Sequence[Row]], *, share: bool = True) -> int:
+    """Tokens `score_groups` feeds through the model for `groups` (padding not counted), the sum of what it reports
+    to `on_tokens`: a progress bar over it advances in units of about equal cost, known before scoring starts."""
+    rows = [row for group in groups for row in group]
+    plain, shared = _units(model, rows, groups, share)
+    return sum(len(rows[i].tokens) - 1 for unit in plain for i in unit) + sum(p.fed for p in shared)
+
+
 def score_groups(
     model: nn.Module,
     groups: Sequence[Sequence[Row]],
@@ -307,37 +337,38 @@ def score_groups(
     pad_id: int,
     vocab_limit: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    on_tokens: Callable[[int], None] | None = None,
     share: bool = True,
 ) -> list[list[RowScore]]:
     """Scores of every row of every group, in the groups' order; batches of ≤ `batch_size` rows.
 
     With `share` and a `Parcae` model, rows with a common context (across groups too) are scored through
     `score_shared`, the rest in one pass per batch (`score_rows`); without, whole groups are packed into
-    one-pass batches. The scores agree up to float rounding. `on_batch(rows)` is called after each batch
-    (for progress bars).
+    one-pass batches. The scores agree up to float rounding. After each batch, `on_batch(rows)` and
+    `on_tokens(tokens fed)` are called (for progress bars; the tokens add up to `tokens_fed`).
     """
     rows = [row for group in groups for row in group]
     scores: dict[int, RowScore] = {}  # by index in `rows`
     common = {"num_steps": num_steps, "state_seed": state_seed, "pad_id": pad_id, "vocab_limit": vocab_limit}
-    offsets = np.cumsum([0, *(len(group) for group in groups)]).tolist()
-    plain = [list(range(offsets[g], offsets[g + 1])) for g in range(len(groups))]  # row indices per unit
-    shared: list[SharedPrompt] = []
-    if share and isinstance(model, Parcae):
-        prompts = share_prompts(rows)
-        shared = [p for p in prompts if len(p.rows) > 1]
-        plain = [list(p.rows) for p in prompts if len(p.rows) == 1]
+    plain, shared = _units(model, rows, groups, share)
+
+    def report(count: int, fed: int) -> None:
+        if on_batch is not None:
+            on_batch(count)
+        if on_tokens is not None:
+            on_tokens(fed)
+
     with evaluating(model):
         for batch in pack_groups([[rows[i] for i in unit] for unit in plain], batch_size):
             members = [i for unit in batch for i in plain[unit]]
             scores.update(zip(members, score_rows(model, [rows[i] for i in members], **common), strict=True))
-            if on_batch is not None:
-                on_batch(len(members))
+            report(len(members), sum(len(rows[i].tokens) - 1 for i in members))
         if shared:
             bytes_per_token = model.new_cache(1, 1, max_steps=num_steps).bytes_per_token()
             for batch in pack_prompts(shared, batch_size, model.config.max_seq_len, bytes_per_token):
                 chosen = [shared[p] for p in batch]
                 for prompt, row_scores in zip(chosen, score_shared(model, chosen, **common), strict=True):
                     scores.update(zip(prompt.rows, row_scores, strict=True))
-                if on_batch is not None:
-                    on_batch(sum(len(p.rows) for p in chosen))
+                report(sum(len(p.rows) for p in chosen), sum(p.fed for p in chosen))
+    offsets = np.cumsum([0, *(len(group) for group in groups)]).tolist()
     return [[scores[i] for i in range(offsets[g], offsets[g + 1])] for g in range(len(groups))]

@@ -46,7 +46,7 @@ def register_lab(lab: argparse._SubParsersAction) -> None:
                            help="state-growth threshold on ‖h_2μ‖/‖h_μ‖ at the end (default 2.5)")  # fmt: skip
     stability.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override a model field for every run (e.g. d_model=64)")  # fmt: skip
-    stability.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    stability.add_argument("--device", help="auto (default: cuda when available, else cpu), cpu, cuda, cuda:N")
     stability.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     stability.set_defaults(handler=cmd_stability)
 
@@ -75,7 +75,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
         specs = plan_runs(lab)
         for spec in specs:
             print(f"{spec.name:<40} {', '.join(spec.groups)}")
-        print(f"{len(specs)} runs × {lab.steps} steps = {len(specs) * lab.steps:,} optimizer steps")
+        print(f"{len(specs)} runs × {lab.steps} steps = {len(specs) * lab.steps:,} optimizer steps on {lab.device}")
         return 0
     run_lab(lab, args.out)
     return 0

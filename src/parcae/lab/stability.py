@@ -12,11 +12,13 @@ OUT/report.md                stability matrix, Jacobian-vs-ρ(Ā) table, ablatio
 OUT/loss.png, rho_A.png, state_norm.png, jacobian.png, ablation_depth.png
 ```
 
-Recipe (the reference measurement's, so results are comparable with ../shared/docs/measurements.md):
+Recipe (the reference stability measurement's, so that results are comparable with it):
 AdamW for every parameter (β 0.9/0.95, ε 1e-10), no weight decay, linear warm-up over `warmup_steps`
 then constant LR, gradient clipping 1.0, micro-batches of 16 × 128 tokens, per-sequence Poisson depths.
-Prelude norm follows the paper's pairing by default (`prelude_norm="paper"`): on for the diagonal
-injections (Parcae), off for `add` and `linear` (the RDM baselines, as the rdm-*-tiny presets).
+Runs train on `device`, "auto" by default as in `parcae train` (CUDA when available, with its bf16 autocast;
+else the CPU in fp32); lab.json records the device it resolved to. Prelude norm follows the paper's pairing
+by default (`prelude_norm="paper"`): on for the diagonal injections (Parcae), off for `add` and `linear`
+(the RDM baselines, as the rdm-*-tiny presets).
 
 Divergence rule (`classify`). A run is *diverged* when any of these holds, else *converged*:
 - `nan`: a non-finite training loss or gradient (a skipped step, or the trainer's guard stopped the run);
@@ -57,7 +59,7 @@ from ..eval.loss import loss_by_depth
 from ..model.parcae import Parcae
 from ..stability import jacobian_spectrum
 from ..train.config import TrainConfig
-from ..train.trainer import METRICS_FILE, Trainer, TrainingError
+from ..train.trainer import METRICS_FILE, Trainer, TrainingError, resolve_device
 
 ABLATIONS = ("depth-sampling", "prelude-norm", "zoh")
 PRELUDE_NORM_CHOICES = ("paper", "on", "off")
@@ -99,7 +101,7 @@ class LabConfig:
     jacobian_steps: int = 30  # Krylov steps per restart (1 restart)
     thresholds: Thresholds = field(default_factory=Thresholds)
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    device: str = "cpu"
+    device: str = "auto"  # as `parcae train`: auto = cuda when available, else cpu; stored resolved (see below)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "injections", tuple(self.injections))
@@ -108,6 +110,10 @@ class LabConfig:
         object.__setattr__(self, "ablations", tuple(self.ablations))
         if isinstance(self.thresholds, dict):
             object.__setattr__(self, "thresholds", Thresholds(**self.thresholds))
+        # "auto" is stored as the device it picks: CUDA trains under bf16 autocast and the CPU in fp32, so a lab
+        # continued elsewhere must not silently mix the two (lab.json then differs and the rerun is refused).
+        # resolve_device also rejects an unknown or absent device here, before any data is tokenized.
+        object.__setattr__(self, "device", str(resolve_device(self.device)))
         self._validate()
 
     def _validate(self) -> None:
@@ -378,8 +384,11 @@ def _claim_lab_dir(out: Path, lab: LabConfig) -> None:
     """A new directory, or one holding this very lab (continued); never someone else's files."""
     manifest = out / LAB_FILE
     if manifest.is_file():
-        if json.loads(manifest.read_text()) != lab.to_dict():
-            raise ValueError(f"{out} holds a stability lab with other settings; choose another --out.")
+        stored, wanted = json.loads(manifest.read_text()), lab.to_dict()
+        if stored != wanted:
+            keys = [key for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
+            changed = ", ".join(f"{key} {stored.get(key)!r} → {wanted.get(key)!r}" for key in keys)
+            raise ValueError(f"{out} holds a stability lab with other settings ({changed}); choose another --out.")
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not a stability lab directory; choose another --out.")

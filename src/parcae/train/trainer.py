@@ -38,17 +38,18 @@ from torch import Tensor
 
 from ..config import ParcaeConfig
 from ..data.packing import BestFitPacker, val_batches
-from ..data.shards import INDEX_FILE, ShardStore, is_prepared, prepare
+from ..data.shards import INDEX_FILE, ShardStore, is_prepared, prepare, val_split_note
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer, get_tokenizer, load_tokenizer
 from ..eval.loss import DepthResult, loss_by_depth
 from ..model.parcae import Parcae
 from ..model.recurrence import DepthSampler
 from .allocator import tune_cpu_allocator
+from .budget import LoopTimes, StatusLines, time_allows_step
 from .checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, write_atomic
 from .config import RUN_CONFIG, TrainConfig, load_run_config, save_run_config
 from .distributed import DistributedContext, restore_packer
 from .distributed import resolve_device as resolve_device  # re-exported: the eval/infer/sweep CLIs import it here
-from .schedule import lr_multiplier, muon_momentum, muon_weight_decay
+from .schedule import muon_momentum, muon_weight_decay, scheduled_lr
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -69,7 +70,7 @@ class Progress:
     step: int = 0  # optimiser steps taken (including skipped ones)
     micro_step: int = 0  # micro-batches consumed; seeds the depth sampler
     tokens: int = 0  # training tokens consumed (including padding positions)
-    elapsed: float = 0.0  # training seconds, excluding validation and checkpointing
+    elapsed: float = 0.0  # seconds of the training loop: steps, validation and checkpoints (train/budget.py)
     skipped: int = 0
     rollbacks: int = 0
 
@@ -88,13 +89,17 @@ class Trainer:
         on_backward: Callable[[int, Parcae], None] | None = None,
         parallel: str | None = None,
         overwrite: bool = False,
+        status_every: float = 0.0,
     ) -> None:
         """`parallel` (ddp | fsdp) overrides the config's: how to distribute is a choice of each launch.
         `overwrite`: a new run in a directory that holds another run first renames that run to RUN.old-K
         (nothing is deleted). A new run that fails to start removes what it created (and puts a run it
-        renamed back), so the same command can simply be given again."""
+        renamed back), so the same command can simply be given again. `status_every` > 0: without a progress
+        bar, `echo` a one-line status after the first step and then every that many seconds."""
+        self._started = time.perf_counter()  # for the summary's wall_seconds
         self.run_dir = Path(run_dir)
         self.on_backward = on_backward  # test hook: called after backward, before clipping
+        saved_train = None
         if resume:  # every rank reads the saved config before the group forms, so before rank 0 rewrites it
             saved_model, saved_train = load_run_config(self.run_dir)
             model_config, config = saved_model, _with_budget(saved_train, config)
@@ -106,19 +111,20 @@ class Trainer:
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.echo = echo if self.dist.is_main else _silent
         self.progress_bar = progress_bar and self.dist.is_main
+        self.status = StatusLines(0.0 if progress_bar else status_every)
         self.model_config, self.config = model_config, config
         self.seq_len = config.seq_len or model_config.max_seq_len
         if self.seq_len > model_config.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}.")
         claim = None if resume else self.dist.on_main(lambda: _claim_run_dir(self.run_dir, overwrite, self.echo))
         try:
-            self._set_up(resume, checkpoint)
+            self._set_up(resume, checkpoint, saved_train)
         except BaseException:
             if claim is not None and self.dist.is_main:
                 claim.abandon()
             raise
 
-    def _set_up(self, resume: bool, checkpoint: str | None) -> None:
+    def _set_up(self, resume: bool, checkpoint: str | None, saved_train: TrainConfig | None) -> None:
         model_config, config = self.model_config, self.config
         if not resume:  # a resume records its (new) budget only once its checkpoint has loaded
             self.dist.on_main(lambda: save_run_config(self.run_dir, model_config, config))
@@ -131,6 +137,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(data_dir)
         self.train_store = ShardStore.open(data_dir, "train")
         self.packer = self.rank_packer(self.rank, self.world_size)
+        self.validation_note: str | None = None  # why there is no validation, when there is none
         self.val_batches = self.dist.shard_batches(self._validation_batches(data_dir))
 
         self.model = Parcae(model_config).to(self.device)  # the same seed: the same weights on every rank
@@ -150,9 +157,12 @@ class Trainer:
         self._consecutive_diverged = 0
         self._checkpoint_failures = 0
         self._checkpointed: tuple[int, Path] | None = None  # (step, path) of the checkpoint last written or read
+        self.loop_times = LoopTimes()
         events = []
         if resume:
             events = self._resume(checkpoint)
+            if saved_train is not None:
+                events += self._budget_change(saved_train)
             self.dist.on_main(lambda: save_run_config(self.run_dir, self.model_config, self.config))
         if self.dist.is_main:
             self.metrics_file = (self.run_dir / METRICS_FILE).open("a")
@@ -200,16 +210,16 @@ class Trainer:
     def _validation_batches(self, data_dir: Path) -> list[tuple[Tensor, Tensor]]:
         """The validation batches (the same on every rank; `shard_batches` gives each rank its share)."""
         if self.config.eval_batches == 0:
+            self.validation_note = "validation is off (eval_batches=0)."
             return []
-        if not (data_dir / "val" / INDEX_FILE).is_file():  # a damaged split is an error (ShardStore.open says which)
-            self.echo("note: no validation split; validation is skipped.")
+        # No val split or an empty one: say why and what to do (a damaged split is an error: ShardStore.open).
+        self.validation_note = val_split_note(data_dir)
+        if self.validation_note is not None:
+            self.echo(f"note: {self.validation_note}")
             return []
         store = ShardStore.open(data_dir, "val")
-        batches = list(val_batches(store, self.seq_len, self.config.batch_size, self.config.eval_batches,
-                                   pad_id=self.tokenizer.pad_id))  # fmt: skip
-        if not batches:
-            self.echo("note: the validation split is empty; validation is skipped.")
-        return batches
+        return list(val_batches(store, self.seq_len, self.config.batch_size, self.config.eval_batches,
+                                pad_id=self.tokenizer.pad_id))  # fmt: skip
 
     def _resume(self, checkpoint: str | None) -> list[dict[str, Any]]:
         """Restore everything from a checkpoint; returns events to log once the metrics file is open."""
@@ -270,6 +280,55 @@ class Trainer:
         return [{"event": "world_size", "step": self.progress.step, "from": before, "to": self.world_size,
                  "grad_accum": self.config.grad_accum, "data": note}]  # fmt: skip
 
+    def _budget_change(self, saved: TrainConfig) -> list[dict[str, Any]]:
+        """A resume with a new budget: keep the warm-up the run started with (a fraction of another budget
+        would move it, and a run past its warm-up could fall back into it), and say what else moves."""
+        cfg = self.config
+        old, new = _budget_of(saved), _budget_of(cfg)
+        if old == new:
+            return []
+        parts = [f"budget {_budget_text(saved)} → {_budget_text(cfg)}"]
+        old_steps = self._steps_in(saved)
+        if cfg.warmup_steps is not None:
+            parts.append(f"warm-up stays {cfg.warmup_steps:,} steps")
+        elif cfg.warmup > 0 and old_steps is not None:
+            kept = max(1, round(cfg.warmup * old_steps))
+            self.config = dataclasses.replace(cfg, warmup_steps=kept)
+            unit = "step" if kept == 1 else "steps"
+            parts.append(f"warm-up kept at {kept:,} {unit} (warmup_steps={kept} in {RUN_CONFIG})")
+        elif cfg.warmup > 0 and saved.minutes is not None and cfg.minutes is not None:
+            fraction = cfg.warmup * saved.minutes / cfg.minutes  # the same seconds of the new budget
+            if fraction + cfg.cooldown <= 1.0:
+                self.config = dataclasses.replace(cfg, warmup=fraction)
+                parts.append(f"warm-up kept at {60 * cfg.warmup * saved.minutes:,.0f} s (warmup={fraction:.4g})")
+            else:
+                parts.append(f"warm-up is now {cfg.warmup:.0%} of the new budget (its old length does not fit)")
+        elif cfg.warmup > 0:
+            parts.append(f"warm-up is now {cfg.warmup:.0%} of the new budget")
+        if cfg.schedule == "trapezoid" and cfg.cooldown > 0:
+            start = 1.0 - cfg.cooldown
+            parts.append(f"the cooldown now starts at {self._budget_point(cfg, start)} "
+                         f"(was {self._budget_point(saved, start)})")  # fmt: skip
+        elif cfg.schedule == "cosine":
+            parts.append("the cosine decay now spans the new budget")
+        self.echo("resumed with a new budget: " + "; ".join(parts) + ".")
+        return [{"event": "budget", "step": self.progress.step, "from": old, "to": new,
+                 "warmup": self.config.warmup, "warmup_steps": self.config.warmup_steps}]  # fmt: skip
+
+    def _steps_in(self, config: TrainConfig) -> int | None:
+        """The optimizer steps `config`'s budget amounts to (None for a time budget)."""
+        if config.steps is not None:
+            return int(config.steps)
+        if config.tokens is not None:
+            return max(1, math.ceil(config.tokens / self.tokens_per_step))
+        return None
+
+    def _budget_point(self, config: TrainConfig, fraction: float) -> str:
+        steps = self._steps_in(config)
+        if steps is not None:
+            return f"step {round(fraction * steps):,}"
+        return f"{fraction * (config.minutes or 0.0):,.3g} min"
+
     # ------------------------------------------------------------------ budget
     @property
     def tokens_per_step(self) -> int:
@@ -287,6 +346,21 @@ class Trainer:
         if self.config.minutes is not None:
             return self.progress.elapsed / (60.0 * self.config.minutes)
         return self.progress.step / self.total_steps
+
+    def budget_allows_step(self) -> bool:
+        """Whether to take another step: steps and tokens count exactly; a time budget stops before a step
+        that, with the validation or checkpoint due after it, is expected to overrun it (train/budget.py).
+        Every rank decides alike: the times are agreed."""
+        if self.config.minutes is None:
+            return self.fraction_done() < 1.0
+        validates, checkpoints = self._due_after(self.progress.step + 1)
+        estimate = self.loop_times.estimate(validates=validates, checkpoints=checkpoints)
+        return time_allows_step(self.progress.elapsed, 60.0 * self.config.minutes, estimate)
+
+    def _due_after(self, step: int) -> tuple[bool, bool]:
+        """Whether a validation and a checkpoint follow step `step` (1-based)."""
+        validates = bool(self.val_batches) and step % self.config.eval_every == 0
+        return validates, step % self.config.checkpoint_every == 0
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
@@ -319,11 +393,27 @@ class Trainer:
         # With several ranks Ctrl-C is a stop request too: a rank interrupted mid-collective could never checkpoint.
         previous = _install_stop_handlers(self, interrupt=self.dist.enabled)
         try:
-            while self.fraction_done() < 1.0 and not self._stop_requested:
-                started = time.perf_counter()
+            mark = time.perf_counter()
+            while self.budget_allows_step() and not self._stop_requested:
                 record = self._train_step()
-                self.progress.elapsed += self._agree_on_step_end(time.perf_counter() - started)
-                self._after_step(record, bar)
+                now = time.perf_counter()
+                # Since the last mark: this step, and the logging after the previous one.
+                seconds = self._agree_on_step_end(now - mark)
+                self.progress.elapsed += seconds
+                self.loop_times.add_step(seconds)
+                mark = now
+                ran = self._after_step(record)
+                if ran:  # validated or checkpointed (every rank alike): that time counts too, agreed by all ranks
+                    mark = time.perf_counter()
+                    validation, checkpoint, spent = self.dist.all_reduce(
+                        [ran.get("validation", 0.0), ran.get("checkpoint", 0.0), mark - now], op="max"
+                    )
+                    self.progress.elapsed += spent
+                    if "validation" in ran:
+                        self.loop_times.add_validation(validation)
+                    if "checkpoint" in ran:
+                        self.loop_times.add_checkpoint(checkpoint)
+                self._report(record, bar)
         except KeyboardInterrupt:
             self._stop_requested = True
         finally:
@@ -344,10 +434,10 @@ class Trainer:
     def _train_step(self) -> dict[str, Any]:
         cfg, model, progress = self.config, self.model, self.progress
         fraction = self.fraction_done()
-        # The schedule is read at the middle of the step, so neither the first warm-up step nor the last
-        # cooldown step gets a learning rate of exactly zero.
-        midpoint = fraction if self.total_steps is None else (progress.step + 0.5) / self.total_steps
-        multiplier = lr_multiplier(midpoint, cfg.schedule, cfg.warmup, cfg.cooldown, cfg.min_lr_ratio)
+        multiplier = scheduled_lr(
+            progress.step, fraction, self.total_steps, cfg.schedule, warmup=cfg.warmup,
+            warmup_steps=cfg.warmup_steps, cooldown=cfg.cooldown, min_ratio=cfg.min_lr_ratio,
+        )  # fmt: skip
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * multiplier
             if group["algorithm"] == "muon":
@@ -397,7 +487,7 @@ class Trainer:
             "tokens": progress.tokens,
             "skipped": skipped,
         }
-        if metrics:
+        if self.model_config.is_looped:  # a fixed-depth Transformer has no loop telemetry
             record.update(_loop_metrics(metrics))
         return record
 
@@ -408,7 +498,8 @@ class Trainer:
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         return self.dist.clip_grad_norm(params, max_norm)
 
-    def _after_step(self, record: dict[str, Any], bar: Any) -> None:
+    def _after_step(self, record: dict[str, Any]) -> dict[str, float]:
+        """Guardrails, logging, and the validation and checkpoint that are due: the seconds of those that ran."""
         cfg, progress = self.config, self.progress
         record["tok_per_s"] = progress.tokens / max(progress.elapsed, 1e-9)
         if record["skipped"]:
@@ -426,12 +517,24 @@ class Trainer:
             self._log(record)
         if not record["skipped"]:
             self._check_divergence(record, logged)
-        if self.val_batches and progress.step % cfg.eval_every == 0:
+        validate, checkpoint = self._due_after(progress.step)
+        ran: dict[str, float] = {}
+        if validate:
+            started = time.perf_counter()
             self._validate()
-        if progress.step % cfg.checkpoint_every == 0:
+            ran["validation"] = time.perf_counter() - started
+        if checkpoint:
+            started = time.perf_counter()
             self._periodic_checkpoint()
+            ran["checkpoint"] = time.perf_counter() - started
+        return ran
+
+    def _report(self, record: dict[str, Any], bar: Any) -> None:
+        """The progress bar, or without one a status line now and then."""
         if bar is not None:
             self._update_bar(bar, record)
+        elif self.status.due(time.perf_counter()):
+            self.echo(self._status_line(record))
 
     def _check_spike(self, record: dict[str, Any]) -> None:
         loss = record["loss"]
@@ -581,9 +684,11 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "steps": self.progress.step,
             "tokens": self.progress.tokens,
-            "train_seconds": round(self.progress.elapsed, 2),
+            "train_seconds": round(self.progress.elapsed, 2),  # the time a --minutes budget counts
+            "wall_seconds": round(time.perf_counter() - self._started, 2),  # this process, setup included
             "skipped_steps": self.progress.skipped,
-            "final_val_loss": {str(k): v for k, v in self.last_val.items()},
+            "final_val_loss": {str(k): v for k, v in self.last_val.items()} if self.last_val else None,
+            **({"validation": self.validation_note} if self.validation_note else {}),
             "interrupted": interrupted,
             "latest_checkpoint": str(self.checkpoints.latest()),
         }
@@ -597,24 +702,39 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        if self.config.minutes is not None:  # a time budget: the bar counts training seconds
-            total, initial = int(60 * self.config.minutes), int(self.progress.elapsed)
-            bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]"
-            return tqdm(total=total, initial=initial, bar_format=bar_format, dynamic_ncols=True, mininterval=1.0)
+        if self.config.minutes is not None:  # a time budget: the bar counts the budget's seconds
+            total = round(60 * self.config.minutes)
+            bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{remaining} left{postfix}]"
+            return tqdm(total=total, initial=min(int(self.progress.elapsed), total), bar_format=bar_format,
+                        dynamic_ncols=True, mininterval=1.0)  # fmt: skip
         steps, done = self.total_steps, self.progress.step
         return tqdm(total=steps, initial=done, unit="step", dynamic_ncols=True, mininterval=1.0)
 
     def _update_bar(self, bar: Any, record: dict[str, Any]) -> None:
         if self.config.minutes is not None:
-            bar.update(int(self.progress.elapsed) - bar.n)
+            # Never past the total: tqdm shows a count beyond its total as "n/?" (validation may end past it).
+            bar.update(min(int(self.progress.elapsed), bar.total) - bar.n)
         else:
             bar.update(1)
-        postfix = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tok_per_s']:.0f}"}
+        bar.set_postfix(self._headline(record), refresh=False)
+
+    def _headline(self, record: dict[str, Any]) -> dict[str, str]:
+        """Loss, throughput and the latest validation loss (at μ_rec for a looped model)."""
+        figures = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tok_per_s']:,.0f}"}
         if self.last_val:
             depth = self.model_config.mean_recurrence if self.model_config.is_looped else min(self.last_val)
             if depth in self.last_val:
-                postfix[f"val@{depth}" if self.model_config.is_looped else "val"] = f"{self.last_val[depth]:.3f}"
-        bar.set_postfix(postfix, refresh=False)
+                figures[f"val@{depth}" if self.model_config.is_looped else "val"] = f"{self.last_val[depth]:.3f}"
+        return figures
+
+    def _status_line(self, record: dict[str, Any]) -> str:
+        """One line for a run without a progress bar: step, loss, throughput, and how far the budget is."""
+        step = f"step {self.progress.step:,}" + (f"/{self.total_steps:,}" if self.total_steps else "")
+        seconds = f"{self.progress.elapsed:,.0f}"
+        if self.config.minutes is not None:
+            seconds += f"/{60 * self.config.minutes:,.0f}"
+        figures = " · ".join(f"{name} {value}" for name, value in self._headline(record).items())
+        return f"{step} · {figures} · {seconds} s ({min(self.fraction_done(), 1.0):.0%})"
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda":
@@ -720,6 +840,18 @@ def _with_budget(saved: TrainConfig, requested: TrainConfig | None) -> TrainConf
     if requested is None or all(getattr(requested, b) is None for b in ("steps", "tokens", "minutes")):
         return saved
     return dataclasses.replace(saved, steps=requested.steps, tokens=requested.tokens, minutes=requested.minutes)
+
+
+def _budget_of(config: TrainConfig) -> dict[str, float]:
+    return {name: getattr(config, name) for name in ("steps", "tokens", "minutes") if getattr(config, name) is not None}
+
+
+def _budget_text(config: TrainConfig) -> str:
+    if config.steps is not None:
+        return f"{config.steps:,} steps"
+    if config.tokens is not None:
+        return f"{config.tokens:,} tokens"
+    return f"{config.minutes:g} min" if config.minutes is not None else "none"
 
 
 def _loop_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
