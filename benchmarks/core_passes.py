@@ -1,7 +1,7 @@
 """Executed vs sampled core passes per micro-batch: ours (prefix compaction) vs the official masked loop.
 
 The official per-sequence loop runs every row for the batch maximum of the no-grad and of the grad steps
-(official-notes §3), so it executes B·(max n + max k) row-passes; ours executes Σ_rows T_row.
+(masking the rows that are done), so it executes B·(max n + max k) row-passes; ours executes Σ_rows T_row.
 Usage: python benchmarks/core_passes.py [--batch 32] [--mean 8] [--batches 200]
 Last line: the executed/sampled ratio of our loop, measured on real forwards.
 """

@@ -30,7 +30,8 @@ SHARED_CORE = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--core", type=Path, default=SHARED_CORE, help="task directory (default ../shared/eval/core)")
+    parser.add_argument("--core", type=Path, default=SHARED_CORE, help="directory of CORE task files, e.g. the one "
+                        "`parcae core path` prints (default: shared/eval/core beside the repository)")  # fmt: skip
     parser.add_argument("--preset", default="parcae-tiny")
     parser.add_argument("--per-task", type=int, default=3, help="examples per task")
     parser.add_argument("--max-seq-len", type=int, help="the model's context (default: the preset's); longer "

@@ -1,7 +1,7 @@
 """Inference efficiency: Parcae's KV cache (policies, adaptive exit) vs the parameter-matched Transformer.
 
 Two reference points live here only, not in the library: generation without a cache (the whole context
-re-run for every token) and the official cache's design (official-notes §4: a dict of per-token K/V tensors
+re-run for every token) and the official cache's design (docs/official-format.md: a dict of per-token K/V tensors
 per unrolled layer, re-stacked on every update), plugged into the same model code as our cache.
 
 Speed: greedy decoding of `--new-tokens` tokens after a `--prompt-len`-token prompt, batch 1 (latency) and
@@ -61,7 +61,7 @@ class _RestackingLayer:
 
 
 class RestackingCache(KVCache):
-    """`ParcaeDynamicCache` (official-notes §4): step_idx = unrolled layer index → {position → [B, H, D]}.
+    """The official `ParcaeDynamicCache`: step_idx = unrolled layer index → {position → [B, H, D]}.
 
     Reuses `KVCache`'s chunk bookkeeping (masks, positions); its preallocated tensors are one column and unused.
     Policy `full`, no adaptive exit: what the official generation supports.

@@ -3,8 +3,9 @@
 Rows, in one process, with the same weights, batches and per-sequence depth samples:
 - `parcae`    — our forward (compacted loop, hoisted invariants, chunked loss) + backward + optimizer step;
 - `official`  — a reference mode that lives only here: every row runs the batch's maximum no-grad and grad
-                depth and is frozen with `torch.where` (official-notes §3), loop invariants (B·e, the decay,
-                the value-embedding lookups) recomputed every iteration, full fp32 logits (§10);
+                depth and is frozen with `torch.where`, loop invariants (B·e, the decay, the value-embedding
+                lookups) recomputed every iteration, full fp32 logits (all as the official code does,
+                docs/official-format.md);
 - `gpt`       — the fixed-depth Transformer of the same size (cost per token of looping).
 Warm-up steps first, then A/B/C alternating measured steps; medians. Memory: peak CUDA allocation on GPU;
 on CPU the bytes autograd saves for backward (the activation memory), counted with saved-tensor hooks.
@@ -38,7 +39,7 @@ from parcae.scaling.flops import flops_per_token
 from parcae.train.allocator import tune_cpu_allocator
 from parcae.train.optim import OptimizerSettings, build_optimizer
 
-# The micro-batch is the official one (32 sequences, official-notes §6): the depth spread across a micro-batch
+# The micro-batch is the official one (32 sequences per GPU): the depth spread across a micro-batch
 # is what the execution strategies differ on. The sequence length is what is cut to fit a CPU.
 CONFIGS = {
     # name: (looped preset, fixed-depth preset, default micro-batch, default seq_len on CPU)
@@ -102,7 +103,7 @@ def useful_flops_per_token(row: Row, plan: DepthPlan, seq_len: int) -> float:
 
 
 def official_ops(model: Parcae) -> None:
-    """Give the reference model the official per-op forms where ours differ (official-notes §1), so that
+    """Give the reference model the official per-op forms where ours differ, so that
     block-level optimisations of ours are credited to ours: the composite ReLU² (0.5·relu(z)² through autograd).
     (Our RMSNorm already has the official form: a one-kernel variant measured no faster, docs/LOG.md.)"""
     for block in model.blocks():
@@ -163,7 +164,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
         "--compile", action="store_true",
-        help="torch.compile the blocks of every row (the official code compiles its model too, official-notes §10)",
+        help="torch.compile the blocks of every row (the official training script compiles its whole model)",
     )  # fmt: skip
     parser.add_argument(
         "--optimizer", default="adamw", choices=("adamw", "muon"),

@@ -5,7 +5,7 @@ import pytest
 import parcae
 from parcae import ParcaeConfig, count_params, get_preset
 
-# Paper Table 21 (digest §3.4): exact parameter counts, tied embeddings counted once.
+# Paper Table 21: exact parameter counts, tied embeddings counted once.
 TABLE_21 = {
     "parcae-140m": 144_323_136,
     "parcae-370m": 388_003_328,

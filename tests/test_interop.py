@@ -1,7 +1,7 @@
 """Official parcae-lm checkpoints: conversion, logit parity against an independent reference, strict loading.
 
-The official model is rebuilt here from the description in ../shared/docs/official-notes.md §1–2, §9, written
-independently of `parcae.interop`: `official_checkpoint` creates the state dict and config.json the official
+The official model is rebuilt here from its description (docs/official-format.md), written independently of
+`parcae.interop`: `official_checkpoint` creates the state dict and config.json the official
 `save_pretrained` would write, and `official_forward` runs that state dict with the official semantics
 (interleaved RoPE rotated pair by pair, official value-embedding gating, RMSNorm with eps, 0.5·relu², C before
 the coda, tied head) on a zero initial state.
@@ -35,7 +35,8 @@ from reference import rms
 
 SHARED_FORMAT = Path(__file__).resolve().parents[2] / "shared" / "docs" / "official-format"
 
-# ../shared/docs/official-format/config.json, as the official save_pretrained writes it.
+# The config.json the official save_pretrained writes for a small model (d 128, 2/2/2 layers, vocab 256);
+# `test_generator_writes_the_documented_format` checks it against the shared example when that is present.
 EXAMPLE_CONFIG = {
     "name": "parcae-small-140m", "hf_config": {"org": "SandyResearch", "name": "parcae-small-140m"},
     "block_size": 256, "n_embd": 128, "intermediate_size": 512, "num_attention_heads": 2, "num_key_value_heads": 2,

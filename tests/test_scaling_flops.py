@@ -92,7 +92,7 @@ def test_expected_iterations_match_the_sampler(mode: str) -> None:
 
 
 def test_official_formula_reproduces_the_documented_figures() -> None:
-    # official-notes §5: scripts/cost.py at 2048 tokens, μ_rec 8 / μ_bwd 4.
+    # What the official scripts/cost.py gives at 2048 tokens, μ_rec 8 / μ_bwd 4 (docs/official-format.md).
     assert official_flops_per_token(get_preset("parcae-140m")) == 1_359_902_976
     assert official_flops_per_token(get_preset("gpt-140m")) == 821_098_368
     assert core_params(get_preset("parcae-140m")) == 14_159_040

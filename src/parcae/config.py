@@ -22,7 +22,7 @@ DEPTH_SAMPLING = ("per-sequence", "per-batch", "per-token", "fixed")
 STATE_INITS = ("like-init", "zero", "normal")
 MLPS = ("relu2", "swiglu")
 
-# The value-embedding gate reads the first 32 channels of the normed block input (official-notes §1).
+# The value-embedding gate reads the first 32 channels of the normed block input, as in the official code.
 VE_GATE_CHANNELS = 32
 
 # Keys that Hugging Face transformers writes into a model's config.json beside our fields (`parcae.hf`); they
@@ -251,7 +251,7 @@ class ParcaeConfig:
         return math.sqrt(2.0 / (5.0 * self.d_model))
 
     def has_value_embedding(self, layer_index: int) -> bool:
-        """Alternating layers, always including the last one (nanochat's rule; official-notes §1),
+        """Alternating layers, always including the last one (nanochat's rule, as for the official tables),
         or exactly `value_embedding_layers` when given.
 
         `layer_index` counts distinct layers: prelude 0.., core n_prelude.., coda n_prelude+n_core..
@@ -313,7 +313,7 @@ class ParcaeConfig:
 
 
 # ---------------------------------------------------------------------- presets
-# Paper sizes (digest §3.4, Table 18/21): vocab 32768, context 2048, μ_rec 8 / μ_bwd 4.
+# Paper sizes (the paper's Tables 18 and 21): vocab 32768, context 2048, μ_rec 8 / μ_bwd 4.
 _PAPER_SIZES: dict[str, dict[str, int]] = {
     "140m": {"d_model": 768, "n_heads": 6, "d_mlp": 3072, "per_part": 2},
     "370m": {"d_model": 1024, "n_heads": 8, "d_mlp": 4096, "per_part": 4},
@@ -321,7 +321,7 @@ _PAPER_SIZES: dict[str, dict[str, int]] = {
     "1.3b": {"d_model": 1536, "n_heads": 12, "d_mlp": 6144, "per_part": 8},
 }
 
-# Tiny CPU models: the shape of the reference measurements (../shared/docs/measurements.md):
+# Tiny CPU models: the shape of small reference runs of the official code (docs/official-format.md):
 # d 128, 2 heads, 2/2/2 layers, MLP 512, byte-level vocabulary (256 bytes + 3 specials, padded to 320).
 _TINY = {"vocab_size": 320, "d_model": 128, "n_heads": 2, "d_mlp": 512, "max_seq_len": 256}
 
@@ -336,7 +336,7 @@ def _build_presets() -> dict[str, dict[str, Any]]:
         presets[f"gpt-{size}"] = {**blocks, "n_prelude": 3 * per_part, "n_core": 0, "n_coda": 0}
     presets["parcae-tiny"] = {**_TINY, "n_prelude": 2, "n_core": 2, "n_coda": 2}
     # Parameter-matched to parcae-tiny (within 1 %): untying the head pays for Parcae's B, C and
-    # injection vectors, as in the reference measurements' 6-layer Transformer.
+    # injection vectors, as the 6-layer Transformer of those reference runs.
     presets["gpt-tiny"] = {**_TINY, "n_prelude": 6, "n_core": 0, "n_coda": 0, "tie_embeddings": False}
     # The RDM baselines of the paper (Table 1): additive and concat-projection injection, no prelude norm.
     presets["rdm-add-tiny"] = {**presets["parcae-tiny"], "injection": "add", "prelude_norm": False}

@@ -2,7 +2,7 @@
 
 `from_parcae_lm(state_dict, config_dict)` turns the official implementation's `state_dict()` and `config.json`
 (as its `save_pretrained` writes them) into a `Parcae` whose logits match the official forward pass. What differs
-between the two implementations, and how the conversion bridges it (official-notes §1, §2, §9):
+between the two implementations, and how the conversion bridges it (the whole format: docs/official-format.md):
 
 - **RoPE layout.** The official code rotates interleaved pairs (2i, 2i+1) by pos·θ^(−2i/D); ours rotates
   (i, i + D/2) by the same angle (rotate-half). Permuting each head's rows of `c_q` and `c_k` by

@@ -238,7 +238,8 @@ def _eval_loss(run: Any, data: LossData, depths: list[int], args: argparse.Names
     first = results[0]
     fewer = f" (all the split holds; --batches {args.batches})" if len(batches) < args.batches else ""
     shape = f"{len(batches)} batches{fewer} × {args.batch_size} rows × {seq_len} tokens"
-    print(f"{cfg.name} ({run.weights.name}), μ_rec = {cfg.mean_recurrence}: loss on {data.label}: {shape}, "
+    loop = f", μ_rec = {cfg.mean_recurrence}" if cfg.is_looped else ", fixed depth"
+    print(f"{cfg.name} ({run.weights.name}){loop}: loss on {data.label}: {shape}, "
           f"{first.tokens:,} target tokens ({first.bytes:,} bytes); {seed_words}")  # fmt: skip
     print(format_table(results))
     settings = {"data": data.source, "split": data.split, "batches": args.batches, "batch_size": args.batch_size,

@@ -1,10 +1,10 @@
 """A CORE-style downstream harness, per test-time depth T.
 
-Task files (jsonl, one example per line; `../shared/eval/core/README.md`) come in three formats:
+Task files (jsonl, one example per line) come in three formats:
   multiple choice     {"query", "choices", "gold"}           score query ⊕ choice; lowest mean loss wins
   schema              {"context_options", "continuation", "gold"}  score option ⊕ continuation; lowest wins
   language modeling   {"context", "continuation"}            correct iff greedy decoding reproduces it
-Any jsonl in one of these formats works; `CORE_TASKS` names the 18 files of the shared CORE subset with
+Any jsonl in one of these formats works; `CORE_TASKS` names the 18 files of the CORE-18 subset with
 their few-shot counts and random baselines (other files run 0-shot with the chance rate of their choices).
 
 Prompt rendering (fixed; `render_option`):
@@ -66,7 +66,8 @@ class TaskSpec:
     baseline: float | None  # random baseline as a fraction; None: the chance rate of the file's choices
 
 
-# The shared CORE subset (../shared/eval/core/README.md); the same order as its table.
+# CORE-18: 18 of the 22 tasks of the DCLM CORE suite (no HellaSwag 0/10-shot, SQuAD or CoQA), in CORE's order,
+# with CORE's few-shot counts and random baselines (the chance rate of the choices; boolq's majority class).
 CORE_TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("jeopardy", "jeopardy_all.jsonl", LANGUAGE_MODELING, 10, 0.0),
     TaskSpec("bigbench_qa_wikidata", "bigbench_qa_wikidata.jsonl", LANGUAGE_MODELING, 10, 0.0),

@@ -56,10 +56,6 @@ class GenerationOutput:
         return sum(counts) / len(counts) if counts else 0.0
 
     @property
-    def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
-
-    @property
     def decode_tokens_per_second(self) -> float:
         rows = self.tokens.shape[0]
         return rows * self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
@@ -70,7 +66,7 @@ class GenerationOutput:
         return 1000.0 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
 
     def summary(self) -> str:
-        depth = f"T={self.num_steps}"
+        depth = f"T={self.num_steps}" if self.num_steps else "fixed depth"  # 0: a Transformer has no loop
         if self.exit:
             depth = f"T≤{self.num_steps} ({self.exit}), mean {self.mean_iterations:.2f}"
         return (

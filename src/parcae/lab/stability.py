@@ -1,4 +1,4 @@
-"""The stability lab: the paper's stability findings in miniature (digest §2, §4.2, §4.4), on any preset.
+"""The stability lab: the paper's stability findings (its Tables 2, 4 and 8) in miniature, on any preset.
 
 `run_lab` trains a grid — injection × learning rate × μ_rec × seed — with everything else equal, plus
 ablations of the Parcae recipe at one learning rate (per-sequence vs per-batch depth sampling,
@@ -12,7 +12,8 @@ OUT/report.md                stability matrix, Jacobian-vs-ρ(Ā) table, ablatio
 OUT/loss.png, rho_A.png, state_norm.png, jacobian.png, ablation_depth.png
 ```
 
-Recipe (the reference stability measurement's, so that results are comparable with it):
+Recipe (that of small reference runs of the official code, so that results are comparable with them; the
+runs and their findings are summarised in docs/official-format.md):
 AdamW for every parameter (β 0.9/0.95, ε 1e-10), no weight decay, linear warm-up over `warmup_steps`
 then constant LR, gradient clipping 1.0, micro-batches of 16 × 128 tokens, per-sequence Poisson depths.
 Runs train on `device`, "auto" by default as in `parcae train` (CUDA when available, with its bf16 autocast;
@@ -31,9 +32,9 @@ Divergence rule (`classify`). A run is *diverged* when any of these holds, else 
   depth grows the state faster than a marginally stable loop can (h_T ≈ h₀ + T·e, as the additive
   loop at init, gives at most 2×), i.e. exponentially — the loop itself is unstable (ρ(J) > 1 along
   the orbit). A bounded loop that settles has a ratio near 1.
-The last two are the paper's mechanism (instability = exploding ‖h_T‖, Fig. 2); the reference
-measurement shows that an additive RDM can keep a good loss while its state norm explodes, so a rule
-on the loss alone would call it converged.
+The last two are the paper's mechanism (instability = exploding ‖h_T‖, Fig. 2); in the official code's
+reference runs an additive RDM kept a good loss while its state norm exploded, so a rule on the loss alone
+would call it converged.
 
 Jacobian. At every `jacobian_every` steps (and for the final model) the lab evaluates
 `parcae.stability.jacobian_spectrum` at h_μ on the first validation sequences and logs ρ(J) (max over
@@ -168,8 +169,9 @@ class LabConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples → lists, as read back from lab.json
 
 
-# Quick mode: two learning rates that bracket the reference's divergence of the concat RDM, short runs,
-# no ablations, the Jacobian on the final models only (≈ 6–8 min on 2 cores for parcae-tiny).
+# Quick mode: two learning rates either side of where the concat RDM diverged in the official code's reference
+# runs (fine at 1e-2, diverged at 3e-2), short runs, no ablations, the Jacobian on the final models only
+# (≈ 6–8 min on 2 cores for parcae-tiny).
 QUICK = {"lrs": (3e-3, 3e-2), "steps": 60, "warmup_steps": 10, "ablations": (), "jacobian_every": 0}
 
 
@@ -555,7 +557,7 @@ def format_jacobian_table(results: Sequence[dict[str, Any]]) -> str:
 
 
 def format_ablation_table(results: Sequence[dict[str, Any]]) -> str:
-    """Validation loss at every test-time depth for the ablation runs (digest Table 8 and §4.2)."""
+    """Validation loss at every test-time depth for the ablation runs (as the paper's Tables 4 and 8)."""
     runs = [r for r in results if r.get("depth_curve")]
     if not runs:
         return ""

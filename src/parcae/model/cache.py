@@ -9,7 +9,7 @@ Storage. Two tensors, allocated once for `capacity` columns (prompt + new tokens
 A forward over a chunk of n new tokens writes columns [length, length + n) of the slots it uses and
 attends over columns [0, length + n) as a view: no per-token Python objects and no re-stacking (the
 official cache keeps a dict of per-token tensors and re-stacks them on every update, O(T²) copies per
-sequence, official-notes §4).
+sequence; docs/official-format.md).
 
 Policies (iteration i of the loop uses core slot `i mod n_slots`):
 

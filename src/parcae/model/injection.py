@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Initial per-channel decay exp(−Δ·a) = √(1/5) (official init, official-notes §1).
+# Initial per-channel decay exp(−Δ·a) = √(1/5), the official init (docs/official-format.md, Initialization).
 INITIAL_DECAY = math.sqrt(1.0 / 5.0)
 
 

@@ -211,7 +211,7 @@ class Block(nn.Module):
 def scaled_orthogonal_(weight: Tensor, std: float) -> Tensor:
     """Orthogonal init with every singular value σ·√max(rows, cols), so the per-entry std is ≈ σ.
 
-    This is the official `init_orthogonal` scheme (official-notes §1). No-op on the meta device.
+    This is the official `init_orthogonal` scheme (docs/official-format.md). No-op on the meta device.
     """
     if weight.is_meta:
         return weight

@@ -127,7 +127,7 @@ class Parcae(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The paper's init (official `scaled-zero` + orthogonal; official-notes §1)."""
+        """The paper's init (official `scaled-zero` + orthogonal; docs/official-format.md, Initialization)."""
         std = self.config.init_std
         scaled_orthogonal_(self.embed.weight, std)
         if not self.config.tie_embeddings:
@@ -609,8 +609,3 @@ def _random_state(h: Tensor, cfg: ParcaeConfig, generator: torch.Generator | Non
 def _summarise(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def read_config(directory: str | Path) -> ParcaeConfig:
-    """The config of a saved model directory, without loading weights."""
-    return ParcaeConfig.load(Path(directory) / CONFIG_FILE)

@@ -8,8 +8,9 @@ Execution. The update has no step-index input, so a row that needs fewer iterati
 early. Rows are sorted by their step count (descending) so that the rows still iterating at step i are
 always a *prefix* of the batch: each iteration runs the core on `h[:m]` only (a view, no gather) and the
 loop costs Σ_rows T_row row-passes — what was sampled — instead of the official B·max_row T
-(official-notes §3: 1.8× waste at μ 8, micro-batch 32). During the gradient phase, rows that are done
-are split off and concatenated back once at the end, so autograd never sees masked copies.
+(every row runs to the batch's largest depth and is masked: ≈ 1.8× the sampled passes at μ 8 and 32 rows,
+`benchmarks/core_passes.py`). During the gradient phase, rows that are done are split off and concatenated
+back once at the end, so autograd never sees masked copies.
 
 Per-token depths cannot be compacted that way (frozen tokens still serve K/V to active ones); rows are
 still compacted by their largest token depth and tokens inside a row are frozen with `torch.where`.

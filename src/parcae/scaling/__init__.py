@@ -1,4 +1,4 @@
-"""Scaling laws (digest §5), one module per concern; import from them directly:
+"""Scaling laws (paper §5, App. D/L/O), one module per concern; import from them directly:
 
 - `parcae.scaling.flops`  training FLOPs per token (`flops_per_token`, `official_flops_per_token`, `effective_params`)
 - `parcae.scaling.sweep`  isoFLOP plans and the resumable runner (`make_plan`, `SweepPlan`, `run_sweep`)

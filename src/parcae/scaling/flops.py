@@ -26,7 +26,7 @@ Checked against `torch.utils.flop_counter.FlopCounterMode` on a real forward + b
 that with the `linear` injection the first gradient iteration skips W_h's input gradient (h enters it detached),
 2·S² FLOPs per token that the 6× convention counts anyway.
 
-`official_flops_per_token` is `scripts/cost.py` of the official code (official-notes §5), for comparison: it
+`official_flops_per_token` is `scripts/cost.py` of the official code (docs/official-format.md), for comparison: it
 takes μ_rec and μ_bwd as the iteration counts, counts all non-embedding parameters (value-embedding tables
 included, the tied head not at all) and the injection once.
 """
@@ -207,7 +207,7 @@ def flops_per_token(
 
 
 def official_flops_per_token(cfg: ParcaeConfig, seq_len: int | None = None) -> int:
-    """The official `scripts/cost.py` figure (official-notes §5), with R = μ_rec and S = μ_bwd:
+    """The official `scripts/cost.py` figure, with R = μ_rec and S = μ_bwd:
 
     6·N_noncore + 3·(n_pre + n_coda)·4·d·L + (2R + 4S)·N_core + (R + 2S)·n_core·4·d_core·L, where
     N_core = core-block parameters and N_noncore = all parameters − embedding − N_core.

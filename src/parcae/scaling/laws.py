@@ -1,4 +1,4 @@
-"""The paper's scaling-law fits (digest §5), each from a sweep's results CSV (`sweep.RESULT_COLUMNS`).
+"""The paper's scaling-law fits (its §5), each from a sweep's results CSV (`sweep.RESULT_COLUMNS`).
 
 - `fit_isoflop`: per budget C a parabola of the loss at T = μ_rec in ln μ_rec; its minimum gives μ*(C) and
   D*(C) = C / (FLOPs per token at μ*); then μ* = a·C^γμ and D* = b·C^γD by least squares in log-log, with

@@ -36,7 +36,7 @@ RESULT_COLUMNS = (
     "run", "params", "budget_flops", "mean_recurrence", "backprop_depth", "tokens", "eval_depth", "val_loss",
 )  # fmt: skip
 RESULTS_FILE = "results.csv"
-# The paper's test-time depths for the isoFLOP models (digest §5.4).
+# The test-time depths at which the paper evaluates its isoFLOP models for the unified law (its Eq. 4).
 PAPER_EVAL_DEPTHS = (1, 2, 4, 6, 8, 10, 12, 16, 20, 24)
 
 Echo = Callable[[str], None]

@@ -50,7 +50,7 @@ class TrainConfig:
     steps: int | None = None  # budget: optimizer steps
     tokens: int | None = None  # budget: training tokens
     minutes: float | None = None  # budget: minutes of the training loop (steps, validation, checkpoints; not setup)
-    # Optimisation (paper defaults, digest §3.4).
+    # Optimisation (defaults: the paper's recipe for its 140M model).
     optimizer: str = "muon"  # muon: Muon for attention/MLP matrices + AdamW for the rest; adamw: AdamW for all
     lr: float = 8e-3  # learning rate of the AdamW parameters (all of them with optimizer=adamw)
     muon_lr: float = 8e-3  # learning rate of the Muon matrices (optimizer=muon only)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +59,7 @@ def orthogonalize(update: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """Hyper-parameters of `build_optimizer`; defaults are the paper's (digest §3.4)."""
+    """Hyper-parameters of `build_optimizer`; defaults are the paper's recipe for its 140M model."""
 
     kind: str = "muon"  # "muon" (Muon + AdamW, the paper) or "adamw" (AdamW for everything)
     lr: float = 8e-3  # AdamW groups (embeddings, head, norms, injection, readout)
@@ -215,14 +214,3 @@ def build_optimizer(model: nn.Module, settings: OptimizerSettings) -> MuonAdamW:
             )
         )
     return MuonAdamW(groups)
-
-
-def count_by_algorithm(optimizer: MuonAdamW) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for group in optimizer.param_groups:
-        counts[group["algorithm"]] += sum(p.numel() for p in group["params"])
-    return dict(counts)
-
-
-def parameters_of(groups: Iterable[dict]) -> list[Tensor]:
-    return [p for group in groups for p in group["params"]]
