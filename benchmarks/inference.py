@@ -35,8 +35,8 @@ from parcae import Parcae, ParcaeConfig, get_preset
 from parcae.data.packing import val_batches
 from parcae.data.shards import ShardStore
 from parcae.eval.loss import loss_by_depth
-from parcae.infer.exit import ExitCriterion
 from parcae.model.cache import Chunk, KVCache
+from parcae.model.exit import ExitCriterion
 from parcae.model.parcae import IGNORE_INDEX
 from parcae.run import open_run
 

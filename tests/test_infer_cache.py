@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from parcae import Parcae
-from parcae.infer.exit import ExitCriterion
 from parcae.model.cache import KVCache, KVPolicy
+from parcae.model.exit import ExitCriterion
 from test_model import ids, randomise, small
 
 VARIANTS = {

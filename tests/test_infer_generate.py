@@ -8,7 +8,7 @@ import torch
 from parcae import Parcae
 from parcae.cli import main
 from parcae.data.tokenizer import ByteTokenizer
-from parcae.infer.generate import GenerationOutput, GenerationStream, generate
+from parcae.model.generate import GenerationOutput, GenerationStream, generate
 from test_model import ids, randomise, small
 
 

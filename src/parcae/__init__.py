@@ -1,7 +1,7 @@
 """Parcae: stable looped language models (arXiv 2604.12946)."""
 
-from .config import ParcaeConfig, count_params, get_preset, preset_names
-from .model.parcae import Parcae, ParcaeOutput
+from .config import ParcaeConfig, get_preset, preset_names
+from .model.parcae import Parcae, ParcaeOutput, count_params
 from .model.recurrence import DepthPlan, DepthSampler
 
 __all__ = [

@@ -19,17 +19,13 @@ from typing import NoReturn
 COMMAND_MODULES = (
     "parcae.train.cli",
     "parcae.eval.cli",
-    "parcae.eval.bundle",
     "parcae.infer.cli",
     "parcae.data.cli",
     "parcae.interop_cli",
     "parcae.scaling.cli",
 )
 # Modules with `register_lab(lab)`, adding `parcae lab NAME` experiments.
-LAB_MODULES: tuple[str, ...] = (
-    "parcae.lab.cli",
-    "parcae.lab.reasoning",
-)
+LAB_MODULES: tuple[str, ...] = ("parcae.lab.cli",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .config import PRESETS, count_params, get_preset
+    from .config import PRESETS, get_preset
+    from .model.parcae import count_params
 
     print(f"{'preset':<18} {'params':>15}  layers P/R/C  d_model  μ_rec  injection")
     for name in PRESETS:

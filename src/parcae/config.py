@@ -361,14 +361,3 @@ def get_preset(name: str, /, **overrides: Any) -> ParcaeConfig:  # `name=` among
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; available: {', '.join(PRESETS)}.")
     return ParcaeConfig(**{**PRESETS[name], "name": name, **overrides})
-
-
-def count_params(cfg: ParcaeConfig) -> int:
-    """Exact number of unique parameters (tied embeddings counted once), built on the meta device."""
-    import torch
-
-    from .model.parcae import Parcae
-
-    with torch.device("meta"):
-        model = Parcae(cfg)
-    return sum(p.numel() for p in model.parameters())

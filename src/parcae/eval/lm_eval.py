@@ -18,7 +18,7 @@ context is the BOS alone. `loglikelihood` and `loglikelihood_rolling` are batche
 `parcae.eval.scoring` (requests with the same context run it once through the KV cache, the others sorted by
 length, right-padded, loss masked); rolling windows are lm-eval's own
 disjoint windows of `max_length` tokens. `generate_until` is batched greedy decoding with
-`parcae.infer.generate` (KV cache, left-padded prompts truncated to `max_length − max_gen_toks`); a row
+`parcae.model.generate` (KV cache, left-padded prompts truncated to `max_length − max_gen_toks`); a row
 stops at a stop string, at a special token (a document boundary) or after `max_gen_toks` tokens.
 Sampling is refused: the harness's scores should be reproducible.
 """
@@ -71,8 +71,8 @@ class ParcaeLM(TemplateLM):
         if (path is None) == (model is None) or (model is not None and tokenizer is None):
             raise ValueError("ParcaeLM needs either path=RUN or both model= and tokenizer=.")
         if path is not None:
+            from ..device import resolve_device
             from ..run import open_run
-            from ..train.trainer import resolve_device
 
             if device and device.startswith("cuda") and not torch.cuda.is_available():
                 # lm-eval's command line asks for cuda:0 unless told otherwise; fall back, as its own models do.
@@ -198,8 +198,8 @@ class ParcaeLM(TemplateLM):
 
     def _greedy(self, jobs: list[tuple[list[int], int, list[str]]]) -> list[str]:
         """Greedy continuations of a batch of (context ids, max new tokens, stop strings), one budget for all:
-        `parcae.infer.generate` (KV cache, left padding), stopped once every row has met a stop string."""
-        from ..infer.generate import generate
+        `parcae.model.generate` (KV cache, left padding), stopped once every row has met a stop string."""
+        from ..model.generate import generate
 
         specials = [self.tok.bos_id, self.tok.eos_id, self.tok.pad_id]
         new: list[list[int]] = [[] for _ in jobs]

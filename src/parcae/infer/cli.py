@@ -38,11 +38,11 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from ..device import resolve_device
     from ..model.cache import KVPolicy
+    from ..model.exit import ExitCriterion
+    from ..model.generate import generate
     from ..run import open_run
-    from ..train.trainer import resolve_device
-    from .exit import ExitCriterion
-    from .generate import generate
 
     # Check the specs before loading anything.
     policy = KVPolicy.parse(args.kv_policy)

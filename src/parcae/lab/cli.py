@@ -1,8 +1,10 @@
-"""`parcae lab stability`: train an injection × learning-rate grid and report which runs diverge, and why."""
+"""`parcae lab stability` (an injection × learning-rate grid: which runs diverge, and why) and `parcae lab reasoning`
+(Parcae vs fixed-depth Transformers on synthetic multi-step tasks)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..cli_types import EPILOG_DATA, float_list, int_list, name_list, positive_float, positive_int
 
@@ -49,6 +51,7 @@ def register_lab(lab: argparse._SubParsersAction) -> None:
     stability.add_argument("--device", help="auto (default: cuda when available, else cpu), cpu, cuda, cuda:N")
     stability.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     stability.set_defaults(handler=cmd_stability)
+    _register_reasoning(lab)
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
@@ -83,3 +86,51 @@ def cmd_stability(args: argparse.Namespace) -> int:
 
 def _ablations(text: str) -> list[str]:
     return [] if text.strip() == "none" else name_list(text)
+
+
+# ---------------------------------------------------------------------------------------------- reasoning
+def _register_reasoning(lab: argparse._SubParsersAction) -> None:
+    parser = lab.add_parser(
+        "reasoning",
+        help="Parcae vs fixed-depth Transformers on synthetic multi-step tasks",
+        description="Train Parcae and fixed-depth Transformers (equal parameters, equal FLOPs) on the same\n"
+        "synthetic examples; report exact match per difficulty and test-time depth.\n"
+        "  parcae lab reasoning --task chain --train-difficulty 1-6 --test-difficulty 1-12 --minutes 25 --out runs/r",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--task", required=True, help="chain | addition | parity | pointer")
+    parser.add_argument("--train-difficulty", required=True, help="difficulties trained on, e.g. 1-6 or 1,2,4")
+    parser.add_argument("--test-difficulty", required=True, help="difficulties tested, e.g. 1-12 (beyond training)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--minutes", type=positive_float, help="training time for all three models together (default 10)"
+    )
+    budget.add_argument("--steps", type=positive_int, help="training steps per model (instead of --minutes)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="examples per step (default 64)")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW peak learning rate (default 3e-3)")
+    parser.add_argument(
+        "--test-per-difficulty", type=positive_int, default=200, help="test examples per difficulty (default 200)"
+    )
+    parser.add_argument("--preset", default="parcae-tiny", help="the looped model's shape (default parcae-tiny)")
+    parser.add_argument("--exit", default="latent:0.01", help="adaptive-exit criterion (default latent:0.01)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and depths (default 0)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must not hold results)")
+    parser.set_defaults(handler=_cmd_reasoning)
+
+
+def _cmd_reasoning(args: argparse.Namespace) -> int:
+    from ..model.exit import ExitCriterion
+    from .reasoning import run_reasoning_lab
+    from .tasks import get_task, parse_difficulties
+
+    task = get_task(args.task)
+    ExitCriterion.parse(args.exit)  # a bad spec fails before any training
+    out = Path(args.out)
+    if (out / "results.json").exists():
+        raise ValueError(f"{out} already holds reasoning results; choose another --out.")
+    run_reasoning_lab(
+        task.name, parse_difficulties(args.train_difficulty, task), parse_difficulties(args.test_difficulty, task),
+        out, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
+        test_per_difficulty=args.test_per_difficulty, preset=args.preset, exit=args.exit, seed=args.seed,
+    )  # fmt: skip
+    return 0

@@ -13,7 +13,6 @@ which is exactly greedy decoding's result, computed in one batched forward.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -25,14 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..cli_types import positive_float, positive_int
 from ..config import ParcaeConfig, get_preset
 from ..data.tokenizer import ByteTokenizer
-from ..infer.exit import ExitCriterion
+from ..model.exit import ExitCriterion
 from ..model.parcae import IGNORE_INDEX, Parcae
 from ..train.optim import OptimizerSettings, build_optimizer
 from ..train.schedule import lr_multiplier
-from .tasks import Example, get_task, make_splits, parse_difficulties
+from .tasks import Example, get_task, make_splits
 
 
 @dataclass
@@ -314,46 +312,3 @@ def plot_reasoning(results: dict[str, Any], mean: int, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "accuracy_by_difficulty.png")
     plt.close(fig)
-
-
-def register_lab(lab: argparse._SubParsersAction) -> None:
-    parser = lab.add_parser(
-        "reasoning",
-        help="Parcae vs fixed-depth Transformers on synthetic multi-step tasks",
-        description="Train Parcae and fixed-depth Transformers (equal parameters, equal FLOPs) on the same\n"
-        "synthetic examples; report exact match per difficulty and test-time depth.\n"
-        "  parcae lab reasoning --task chain --train-difficulty 1-6 --test-difficulty 1-12 --minutes 25 --out runs/r",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--task", required=True, help="chain | addition | parity | pointer")
-    parser.add_argument("--train-difficulty", required=True, help="difficulties trained on, e.g. 1-6 or 1,2,4")
-    parser.add_argument("--test-difficulty", required=True, help="difficulties tested, e.g. 1-12 (beyond training)")
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument(
-        "--minutes", type=positive_float, help="training time for all three models together (default 10)"
-    )
-    budget.add_argument("--steps", type=positive_int, help="training steps per model (instead of --minutes)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="examples per step (default 64)")
-    parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW peak learning rate (default 3e-3)")
-    parser.add_argument(
-        "--test-per-difficulty", type=positive_int, default=200, help="test examples per difficulty (default 200)"
-    )
-    parser.add_argument("--preset", default="parcae-tiny", help="the looped model's shape (default parcae-tiny)")
-    parser.add_argument("--exit", default="latent:0.01", help="adaptive-exit criterion (default latent:0.01)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and depths (default 0)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must not hold results)")
-    parser.set_defaults(handler=_cmd_reasoning)
-
-
-def _cmd_reasoning(args: argparse.Namespace) -> int:
-    task = get_task(args.task)
-    ExitCriterion.parse(args.exit)  # a bad spec fails before any training
-    out = Path(args.out)
-    if (out / "results.json").exists():
-        raise ValueError(f"{out} already holds reasoning results; choose another --out.")
-    run_reasoning_lab(
-        task.name, parse_difficulties(args.train_difficulty, task), parse_difficulties(args.test_difficulty, task),
-        out, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-        test_per_difficulty=args.test_per_difficulty, preset=args.preset, exit=args.exit, seed=args.seed,
-    )  # fmt: skip
-    return 0

@@ -56,11 +56,12 @@ from typing import Any
 from ..config import INJECTIONS, ParcaeConfig, get_preset
 from ..data.shards import is_prepared, prepare
 from ..data.tokenizer import get_tokenizer
+from ..device import resolve_device
 from ..eval.loss import loss_by_depth
 from ..model.parcae import Parcae
 from ..stability import jacobian_spectrum
 from ..train.config import TrainConfig
-from ..train.trainer import METRICS_FILE, Trainer, TrainingError, resolve_device
+from ..train.trainer import METRICS_FILE, Trainer, TrainingError
 
 ABLATIONS = ("depth-sampling", "prelude-norm", "zoh")
 PRELUDE_NORM_CHOICES = ("paper", "on", "off")

@@ -284,3 +284,14 @@ class KVCache:
         if self._chunk is None:
             raise RuntimeError("KVCache.begin must be called before the cache's slots are used.")
         return self._chunk
+
+
+@dataclass
+class CachedOutput:
+    """One cached forward: `logits` [B, n, V]; `iterations` [B, n] core iterations each token ran (0 for
+    padding and for a fixed-depth Transformer); `coda_passes` readout + coda + head runs over the chunk
+    (1, or more with a probing exit criterion)."""
+
+    logits: Tensor
+    iterations: Tensor
+    coda_passes: int

@@ -9,22 +9,20 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..config import ParcaeConfig
-from .cache import KVCache, KVPolicy
+from .cache import CachedOutput, KVCache, KVPolicy
+from .exit import ExitCriterion
+from .generate import GenerationOutput, GenerationStream, generate
 from .head import IGNORE_INDEX, linear_cross_entropy, mean_cross_entropy
 from .injection import build_injection
 from .layers import Block, RMSNorm, Rotary, scaled_orthogonal_
 from .recurrence import DepthPlan, DepthSampler, mix_seed, run_loop
-
-if TYPE_CHECKING:
-    from ..infer.exit import ExitCriterion
-    from ..infer.generate import GenerationOutput, GenerationStream
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,17 +53,6 @@ class DepthOutput:
     hidden: Tensor
     state: Tensor | None = None
     previous_state: Tensor | None = None
-
-
-@dataclass
-class CachedOutput:
-    """One cached forward: `logits` [B, n, V]; `iterations` [B, n] core iterations each token ran (0 for
-    padding and for a fixed-depth Transformer); `coda_passes` readout + coda + head runs over the chunk
-    (1, or more with a probing exit criterion)."""
-
-    logits: Tensor
-    iterations: Tensor
-    coda_passes: int
 
 
 class Parcae(nn.Module):
@@ -516,8 +503,7 @@ class Parcae(nn.Module):
         pad_id: int = 0,
         state_seed: int = 0,
     ) -> GenerationOutput | GenerationStream:
-        """Sample up to `max_new_tokens` per row with a KV cache; see `parcae.infer.generate.generate`."""
-        from ..infer.generate import generate
+        """Sample up to `max_new_tokens` per row with a KV cache; see `parcae.model.generate.generate`."""
 
         return generate(
             self, input_ids, max_new_tokens, num_steps=num_steps, kv_policy=kv_policy, exit=exit,
@@ -609,3 +595,10 @@ def _random_state(h: Tensor, cfg: ParcaeConfig, generator: torch.Generator | Non
 def _summarise(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def count_params(cfg: ParcaeConfig) -> int:
+    """Exact number of unique parameters (tied embeddings counted once), built on the meta device."""
+    with torch.device("meta"):
+        model = Parcae(cfg)
+    return sum(p.numel() for p in model.parameters())

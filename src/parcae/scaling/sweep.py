@@ -371,9 +371,10 @@ def _evaluate_run(
 ) -> None:  # fmt: skip
     from ..data.packing import val_batches
     from ..data.shards import ShardStore
+    from ..device import resolve_device
     from ..eval.loss import loss_by_depth
     from ..run import open_run
-    from ..train.trainer import SUMMARY_FILE, resolve_device
+    from ..train.trainer import SUMMARY_FILE
 
     loaded = open_run(run_dir, device=resolve_device(str(plan.train["device"])))
     if "batches" not in validation:

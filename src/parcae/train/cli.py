@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             model_cfg, train_cfg, args.out, progress_bar=not args.no_progress, overwrite=args.overwrite,
             status_every=status_every,
         )  # fmt: skip
-    from ..config import count_params
+    from ..model.parcae import count_params
 
     main = trainer.dist.is_main  # under torchrun only rank 0 reports
     if main:

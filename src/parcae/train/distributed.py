@@ -37,6 +37,7 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from ..data.packing import BestFitPacker, rank_documents
+from ..device import resolve_device
 from ..eval.loss import DepthResult
 from ..model.parcae import IGNORE_INDEX, Parcae
 from .checkpoint import CheckpointError, CheckpointManager, Snapshot
@@ -45,25 +46,6 @@ from .optim import MuonAdamW, OptimizerSettings, build_optimizer, orthogonalize
 
 T = TypeVar("T")
 Batch = tuple[Tensor, Tensor]
-
-
-def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """The torch device for `--device`; under torchrun (`local_rank` given) CUDA means this rank's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:  # torch's message lists two dozen backends; say what this tool runs on
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA devices.")
-    if local_rank is not None and device.type == "cuda":
-        if device.index is not None:
-            raise ValueError(f"under torchrun use --device cuda (each rank takes cuda:LOCAL_RANK), not {name!r}.")
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 class DistributedContext:

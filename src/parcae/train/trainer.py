@@ -48,7 +48,6 @@ from .budget import LoopTimes, StatusLines, time_allows_step
 from .checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, write_atomic
 from .config import RUN_CONFIG, TrainConfig, load_run_config, save_run_config
 from .distributed import DistributedContext, restore_packer
-from .distributed import resolve_device as resolve_device  # re-exported: the eval/infer/sweep CLIs import it here
 from .schedule import muon_momentum, muon_weight_decay, scheduled_lr
 
 METRICS_FILE = "metrics.jsonl"

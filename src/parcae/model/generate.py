@@ -11,13 +11,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
-from ..model.cache import KVPolicy
-from ..model.parcae import CachedOutput, Parcae
+from .cache import CachedOutput, KVCache, KVPolicy
 from .exit import ExitCriterion
+
+if TYPE_CHECKING:
+    from ..config import ParcaeConfig
+
+
+class CachedModel(Protocol):
+    """What generation uses of `Parcae` (structural, so this module need not import the model class, which
+    imports it for `Parcae.generate`)."""
+
+    config: ParcaeConfig
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+    def new_cache(self, batch: int, capacity: int, **kwargs: Any) -> KVCache: ...
+    def forward_cached(self, input_ids: Tensor, cache: KVCache, **kwargs: Any) -> CachedOutput: ...
+    def _check_inputs(self, input_ids: Tensor, labels: Tensor | None) -> tuple[int, int]: ...
+    def _inference_depth(self, num_steps: int | None, exit: ExitCriterion | None) -> int: ...
 
 
 @dataclass
@@ -132,7 +148,7 @@ def sample_next(
 
 
 def generate(
-    model: Parcae,
+    model: CachedModel,
     input_ids: Tensor | Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
@@ -154,7 +170,7 @@ def generate(
 
     input_ids: [B, L] (left-padded, with `attention_mask` [B, L], 1 = token) or a list of token-id lists,
     which is left-padded with `pad_id`. num_steps: depth T (default μ_rec); with `exit` (`kl:ε`,
-    `latent:ε`, `argmax:k`, optionally `,min=N,max=N`; see `parcae.infer.exit`) the maximum depth.
+    `latent:ε`, `argmax:k`, optionally `,min=N,max=N`; see `parcae.model.exit`) the maximum depth.
     kv_policy: `full`, `budget:k` or `last` (see `parcae.model.cache`). temperature 0 is greedy.
     stop: id(s) that end a row (included in its output). vocab_limit: ids ≥ it are never sampled (a model's
     vocabulary is often padded beyond its tokenizer's). seed: the sampling RNG (None: torch's global RNG).
