@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli_types import int_list, name_list, non_negative_int, positive_float, positive_int
-from .bundle import BUNDLE_SHA256, BUNDLE_URL
+from .bundle import BUNDLE_SHA256, BUNDLE_URL, resolve_core_dir
 from .scoring import seed_changes_h0
 
 DESCRIPTION = """\
@@ -78,7 +78,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    core_dir = core_directory(args.core) if args.core is not None else None
+    # --core alone: the verified cache of `parcae core download`; --core DIR: a folder of task files
+    core_dir = resolve_core_dir(args.core) if args.core is not None else None
     # Task files are checked before the model is loaded, so a typo fails fast.
     tasks = [load_task(spec, core_dir) for spec in find_tasks(core_dir, args.tasks)] if core_dir else []
     run = open_run(args.run, checkpoint=args.checkpoint, device=resolve_device(args.device))
@@ -94,15 +95,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if core_dir is not None:
         _eval_core(run, tasks, core_dir, depths, args, out_dir)
     return 0
-
-
-def core_directory(value: str) -> Path:
-    """The directory of task files that `--core VALUE` names: the one place that turns the argument into a path.
-    No value ('cached'): the cache of `parcae core download`; its files, and those of any DIR it installed, are
-    checked against their recorded sha256 first (`parcae.eval.bundle`)."""
-    from .bundle import resolve_core_dir
-
-    return resolve_core_dir(value)
 
 
 # ---------------------------------------------------------------------------------------------- seeds
