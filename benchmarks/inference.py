@@ -38,7 +38,7 @@ from parcae.eval.loss import loss_by_depth
 from parcae.model.cache import Chunk, KVCache
 from parcae.model.exit import ExitCriterion
 from parcae.model.parcae import IGNORE_INDEX
-from parcae.run import open_run
+from parcae.train.run import open_run
 
 POLICIES = ("full", "budget:4", "budget:2", "last")
 EXITS = ("latent:0.02", "latent:0.03", "latent:0.05", "kl:3e-4", "kl:1e-3", "argmax:2", "argmax:3")
@@ -316,14 +316,14 @@ def main() -> None:
     trained = open_run(args.run, device=device) if args.run else None
     base = trained.model if trained else Parcae(get_preset("parcae-tiny")).to(device).eval()
     parcae = long_context(base, max(context, base.config.max_seq_len), dtype)
-    gpt = Parcae(get_preset("gpt-tiny", max_seq_len=parcae.config.max_seq_len)).to(device, dtype).eval()
-    depth = parcae.config.mean_recurrence
+    gpt = Parcae(get_preset("gpt-tiny", max_seq_len=parcae.model.config.max_seq_len)).to(device, dtype).eval()
+    depth = parcae.model.config.mean_recurrence
     vocab = trained.tokenizer.vocab_size if trained else 256
     prompt = torch.randint(0, vocab, (1, args.prompt_len), device=device)
     if trained and (Path(trained.path) / "data" / "val").is_dir():
         prompt = next(iter(_val(trained, 1, args.prompt_len, 1)))[0].to(device)
     prompts = prompt.expand(args.batch, -1).contiguous()
-    print(f"parcae: {parcae.config.name} {parcae.num_parameters():,} params, T = {depth}; "
+    print(f"parcae: {parcae.model.config.name} {parcae.num_parameters():,} params, T = {depth}; "
           f"gpt: {gpt.num_parameters():,} params; {device} {args.dtype}, {torch.get_num_threads()} threads; "
           f"weights: {'trained ' + args.run if trained else 'random'}")  # fmt: skip
 

@@ -403,7 +403,7 @@ def trained_micro(tmp_path_factory) -> Path:
 
 @needs_shared
 def test_real_run_on_every_shared_task_file(trained_micro: Path, shared_tasks: list[Task]) -> None:
-    from parcae.run import open_run
+    from parcae.train.run import open_run
 
     run = open_run(trained_micro)
     sink = io.StringIO()

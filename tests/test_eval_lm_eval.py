@@ -19,7 +19,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
 from parcae import Parcae, get_preset
-from parcae.eval.lm_eval import ParcaeLM
+from parcae.interop.lm_eval import ParcaeLM
 from test_eval_core import TOK, BigramModel, greedy_chain, letter_tables
 
 
@@ -180,11 +180,11 @@ def test_offline_end_to_end_with_the_harness(tmp_path: Path, monkeypatch) -> Non
     assert out["config"]["num_steps"] == 2  # from get_model_info: the fixed depth is recorded
 
 
-@pytest.mark.filterwarnings("ignore:'parcae.eval.lm_eval' found in sys.modules:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:'parcae.interop.lm_eval' found in sys.modules:RuntimeWarning")
 def test_module_runs_as_lm_evals_command_line(monkeypatch, capsys) -> None:
-    # `python -m parcae.eval.lm_eval …` executes this file as __main__; the model must stay registered once.
-    monkeypatch.setattr(sys, "argv", ["parcae.eval.lm_eval", "run", "--help"])
+    # `python -m parcae.interop.lm_eval …` executes this file as __main__; the model must stay registered once.
+    monkeypatch.setattr(sys, "argv", ["parcae.interop.lm_eval", "run", "--help"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("parcae.eval.lm_eval", run_name="__main__")
+        runpy.run_module("parcae.interop.lm_eval", run_name="__main__")
     assert exit_info.value.code == 0 and "--model_args" in capsys.readouterr().out
     assert get_model("parcae") is ParcaeLM

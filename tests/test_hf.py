@@ -18,9 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from parcae import Parcae, get_preset  # noqa: E402
 from parcae.cli import main  # noqa: E402
 from parcae.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe  # noqa: E402
-from parcae.hf import ParcaeForCausalLM, ParcaeHFConfig, hf_tokenizer  # noqa: E402
-from parcae.run import open_run  # noqa: E402
+from parcae.interop.hf import ParcaeForCausalLM, ParcaeHFConfig, hf_tokenizer  # noqa: E402
 from parcae.train.config import TrainConfig  # noqa: E402
+from parcae.train.run import open_run  # noqa: E402
 from parcae.train.trainer import Trainer  # noqa: E402
 from test_interop import VARIANTS, official_checkpoint, official_forward  # noqa: E402
 
@@ -174,7 +174,7 @@ def test_byte_tokenizer_exports_with_identical_ids(tmp_path: Path) -> None:
         ids = fast.encode(text, add_special_tokens=False)
         assert ids == byte.encode(text)
         assert fast.decode(ids) == text
-    from parcae.interop import save_hf_tokenizer
+    from parcae.interop.official import save_hf_tokenizer
 
     save_hf_tokenizer(byte, tmp_path, model_max_length=64)
     ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from parcae import Parcae, count_params, get_preset
-from parcae.interop import (
+from parcae.interop.official import (
     convert_state_dict,
     from_parcae_lm,
     from_parcae_lm_with_report,
@@ -487,7 +487,7 @@ def test_colliding_prefixes_are_an_error() -> None:
 # ---------------------------------------------------------------------- parcae convert
 def test_convert_cli_writes_a_directory_our_loaders_read(tmp_path: Path, capsys) -> None:
     from parcae.cli import main
-    from parcae.run import open_run
+    from parcae.train.run import open_run
 
     state, cfg = official_checkpoint(**VARIANTS["add-untied"])
     src = tmp_path / "official"

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parcae.cli import build_parser, main
-from parcae.config import ParcaeConfig
+from parcae.model.config import ParcaeConfig
 from parcae.train.config import TrainConfig, build_configs
 
 # Derandomized: CI sees the same examples every run; PARCAE_FUZZ_EXAMPLES=2000 explores more (then randomly).

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from parcae import Parcae, ParcaeConfig
-from parcae.stability import composite_attention, jacobian_spectrum, krylov_spectral_radius, loop_map
+from parcae.eval.stability import composite_attention, jacobian_spectrum, krylov_spectral_radius, loop_map
 
 INJECTIONS = {
     "diagonal": dict(injection="diagonal"),

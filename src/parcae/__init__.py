@@ -1,6 +1,6 @@
 """Parcae: stable looped language models (arXiv 2604.12946)."""
 
-from .config import ParcaeConfig, get_preset, preset_names
+from .model.config import ParcaeConfig, get_preset, preset_names
 from .model.parcae import Parcae, ParcaeOutput, count_params
 from .model.recurrence import DepthPlan, DepthSampler
 

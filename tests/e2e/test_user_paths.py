@@ -32,7 +32,7 @@ from parcae.cli import main
 from parcae.data.packing import BestFitPacker
 from parcae.data.shards import ShardStore
 from parcae.data.tokenizer import load_tokenizer
-from parcae.run import open_run
+from parcae.train.run import open_run
 
 SHARED_CORE = Path(__file__).resolve().parents[2].parent / "shared" / "eval" / "core"
 
@@ -260,7 +260,7 @@ def test_generate_convert_and_load_with_transformers(runs: Runs, family: str, tm
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import parcae.hf  # noqa: F401  (registers model_type "parcae" with the Auto classes, as documented)
+    import parcae.interop.hf  # noqa: F401  (registers model_type "parcae" with the Auto classes, as documented)
 
     run, prompt = runs.family(family), "Kalo mi"
     out, _ = cli("generate", run, "--prompt", prompt, "--max-new-tokens", 24, "--temperature", 0, "--seed", 0)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import ParcaeConfig, get_preset
 from ..data.tokenizer import ByteTokenizer
+from ..model.config import ParcaeConfig, get_preset
 from ..model.exit import ExitCriterion
 from ..model.parcae import IGNORE_INDEX, Parcae
 from ..train.optim import OptimizerSettings, build_optimizer

@@ -37,7 +37,7 @@ reference runs an additive RDM kept a good loss while its state norm exploded, s
 would call it converged.
 
 Jacobian. At every `jacobian_every` steps (and for the final model) the lab evaluates
-`parcae.stability.jacobian_spectrum` at h_μ on the first validation sequences and logs ρ(J) (max over
+`parcae.eval.stability.jacobian_spectrum` at h_μ on the first validation sequences and logs ρ(J) (max over
 tokens, = the full loop map's spectral radius), its median over tokens, ‖J_ii‖, ‖J‖ and ρ(Ā).
 """
 
@@ -53,13 +53,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import INJECTIONS, ParcaeConfig, get_preset
 from ..data.shards import is_prepared, prepare
 from ..data.tokenizer import get_tokenizer
 from ..device import resolve_device
 from ..eval.loss import loss_by_depth
+from ..eval.stability import jacobian_spectrum
+from ..model.config import INJECTIONS, ParcaeConfig, get_preset
 from ..model.parcae import Parcae
-from ..stability import jacobian_spectrum
 from ..train.config import TrainConfig
 from ..train.trainer import METRICS_FILE, Trainer, TrainingError
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from ..config import ParcaeConfig
+    from .config import ParcaeConfig
 
 POLICIES = ("full", "budget:K", "last")
 

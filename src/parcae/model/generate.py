@@ -20,7 +20,7 @@ from .cache import CachedOutput, KVCache, KVPolicy
 from .exit import ExitCriterion
 
 if TYPE_CHECKING:
-    from ..config import ParcaeConfig
+    from .config import ParcaeConfig
 
 
 class CachedModel(Protocol):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import VE_GATE_CHANNELS
+from .config import VE_GATE_CHANNELS
 
 if TYPE_CHECKING:
     from .cache import LayerKV

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..config import ParcaeConfig
 from .cache import CachedOutput, KVCache, KVPolicy
+from .config import ParcaeConfig
 from .exit import ExitCriterion
 from .generate import GenerationOutput, GenerationStream, generate
 from .head import IGNORE_INDEX, linear_cross_entropy, mean_cross_entropy

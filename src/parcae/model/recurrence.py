@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import ParcaeConfig
+from .config import ParcaeConfig
 
 _MASK64 = (1 << 64) - 1
 

@@ -42,7 +42,7 @@ import torch
 from scipy import special
 from torch import nn
 
-from ..config import ParcaeConfig
+from ..model.config import ParcaeConfig
 from ..model.parcae import Parcae
 
 # Attention FLOPs of one forward pass, per token, layer, query head-dimension and key: QKᵀ and AV, 2 each.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ParcaeConfig
+from ..model.config import ParcaeConfig
 from ..train.config import RUN_CONFIG, TrainConfig, load_run_config
 from .flops import effective_params, flops_per_token, official_flops_per_token
 
@@ -373,7 +373,7 @@ def _evaluate_run(
     from ..data.shards import ShardStore
     from ..device import resolve_device
     from ..eval.loss import loss_by_depth
-    from ..run import open_run
+    from ..train.run import open_run
     from ..train.trainer import SUMMARY_FILE
 
     loaded = open_run(run_dir, device=resolve_device(str(plan.train["device"])))

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ..config import DEPTH_SAMPLING, INJECTIONS, MLPS, STATE_INITS, ParcaeConfig, field_type_error, get_preset
+from ..model.config import DEPTH_SAMPLING, INJECTIONS, MLPS, STATE_INITS, ParcaeConfig, field_type_error, get_preset
 from .checkpoint import write_atomic
 from .optim import OptimizerSettings
 from .schedule import SCHEDULES

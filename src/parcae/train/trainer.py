@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import ParcaeConfig
 from ..data.packing import BestFitPacker, val_batches
 from ..data.shards import INDEX_FILE, ShardStore, is_prepared, prepare, val_split_note
 from ..data.tokenizer import TOKENIZER_FILE, Tokenizer, get_tokenizer, load_tokenizer
 from ..eval.loss import DepthResult, loss_by_depth
+from ..model.config import ParcaeConfig
 from ..model.parcae import Parcae
 from ..model.recurrence import DepthSampler
 from .allocator import tune_cpu_allocator

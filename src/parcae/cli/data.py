@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli_types import EPILOG_DATA, positive_int
+from .args import EPILOG_DATA, positive_int
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -52,8 +52,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from .sources import iter_documents
-    from .tokenizer import train_bpe
+    from ..data.sources import iter_documents
+    from ..data.tokenizer import train_bpe
 
     texts = (doc.text for doc in iter_documents(args.data, "train", text_field=args.text_field))
     tokenizer = train_bpe(texts, args.vocab_size, max_chars=args.max_chars)
@@ -65,8 +65,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .shards import prepare, val_split_note
-    from .tokenizer import get_tokenizer
+    from ..data.shards import prepare, val_split_note
+    from ..data.tokenizer import get_tokenizer
 
     summary = prepare(args.spec, get_tokenizer(args.tokenizer), args.out, text_field=args.text_field,
                       val_fraction=args.val_fraction, max_tokens=args.max_tokens)  # fmt: skip

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import ParcaeConfig
-from .model.parcae import CONFIG_FILE, Parcae
+from ..model.config import ParcaeConfig
+from ..model.parcae import CONFIG_FILE, Parcae
 
 # ---------------------------------------------------------------------- the official format
 # Prefixes that wrappers add to state-dict keys (DDP, torch.compile, a training module); the official loader
@@ -793,7 +793,7 @@ def byte_level_tokenizer_json() -> str:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
-    from .data.tokenizer import SPECIALS
+    from ..data.tokenizer import SPECIALS
 
     alphabet = _byte_symbols()
     hf = HFTokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
@@ -826,7 +826,7 @@ def save_hf_tokenizer(
     a BPE tokenizer with the same ids. No BOS is added automatically: prepend `bos_token_id` as Parcae's data
     pipeline and `parcae generate` do.
     """
-    from .data.tokenizer import BOS, EOS, PAD, TOKENIZER_FILE
+    from ..data.tokenizer import BOS, EOS, PAD, TOKENIZER_FILE
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -888,7 +888,7 @@ def convert_checkpoint(
 ) -> ConversionReport:
     """`parcae convert`: an official checkpoint (kind 'parcae-lm') or one of our runs / saved models (kind
     'run') → a model directory for our loaders and transformers. `destination` must not exist or be empty."""
-    from .data.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from ..data.tokenizer import TOKENIZER_FILE, load_tokenizer
 
     source, destination = Path(source), Path(destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
@@ -905,7 +905,7 @@ def convert_checkpoint(
         vocab_limit = report.vocab_limit
         stop_id = None  # the official models have no end-of-text convention (their generate never stops early)
     elif kind == "run":
-        from .run import open_run
+        from ..train.run import open_run
 
         run = open_run(source)
         model = run.model

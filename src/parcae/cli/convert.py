@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import STATE_INITS
+from ..model.config import STATE_INITS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -12,7 +12,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "convert",
         help="convert an official parcae-lm checkpoint (or a run) into a model directory",
         description="Convert a checkpoint into a directory that Parcae.from_pretrained, `parcae eval/generate` and\n"
-        "transformers' AutoModelForCausalLM / AutoTokenizer (after `import parcae.hf`) all load.\n"
+        "transformers' AutoModelForCausalLM / AutoTokenizer (after `import parcae.interop.hf`) all load.\n"
         "  parcae convert --from parcae-lm snapshots/parcae-140m out/parcae-140m\n"
         "  parcae convert --from run runs/tiny out/tiny\n"
         "SRC for parcae-lm: a directory with the official config.json and model.safetensors (or shards),\n"
@@ -35,7 +35,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .interop import convert_checkpoint
+    from ..interop.official import convert_checkpoint
 
     report = convert_checkpoint(
         args.source, args.destination, kind=args.kind, state_init=args.state_init, tokenizer=not args.no_tokenizer

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from ..cli_types import positive_int
+from .args import positive_int
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -42,7 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..model.cache import KVPolicy
     from ..model.exit import ExitCriterion
     from ..model.generate import generate
-    from ..run import open_run
+    from ..train.run import open_run
 
     # Check the specs before loading anything.
     policy = KVPolicy.parse(args.kv_policy)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .config import ParcaeConfig
-from .data.tokenizer import Tokenizer, load_tokenizer
-from .model.parcae import CONFIG_FILE, WEIGHTS_FILE, Parcae
-from .train.checkpoint import CheckpointManager
-from .train.config import RUN_CONFIG, TrainConfig, load_run_config
+from ..data.tokenizer import Tokenizer, load_tokenizer
+from ..model.config import ParcaeConfig
+from ..model.parcae import CONFIG_FILE, WEIGHTS_FILE, Parcae
+from .checkpoint import CheckpointManager
+from .config import RUN_CONFIG, TrainConfig, load_run_config
 
 
 @dataclass

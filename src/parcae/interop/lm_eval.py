@@ -3,10 +3,10 @@
 Registration. lm-eval (0.4.x) fills its model registry by imports and reads no plugin entry points, so
 importing this module registers `parcae`. Two documented ways to use it:
 
-    python -m parcae.eval.lm_eval --model parcae --model_args path=runs/tiny,num_steps=8 --tasks lambada_openai
+    python -m parcae.interop.lm_eval --model parcae --model_args path=runs/tiny,num_steps=8 --tasks lambada_openai
         (exactly `lm_eval`'s command line; this module registers the model, then runs lm-eval's CLI)
 
-    import lm_eval, parcae.eval.lm_eval
+    import lm_eval, parcae.interop.lm_eval
     lm_eval.simple_evaluate(model="parcae", model_args="path=runs/tiny,num_steps=8", tasks=["lambada_openai"])
 
 model_args: `path` (a run or save_pretrained directory), `num_steps` (the depth T, default μ_rec; always
@@ -42,8 +42,8 @@ except ImportError as err:  # an optional dependency
 from tqdm.auto import tqdm
 
 from ..data.tokenizer import Tokenizer
+from ..eval.scoring import Row, evaluating, make_row, model_device, score_groups
 from ..model.parcae import Parcae
-from .scoring import Row, evaluating, make_row, model_device, score_groups
 
 DEFAULT_BATCH_SIZE = 16
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ParcaeLM(TemplateLM):
             raise ValueError("ParcaeLM needs either path=RUN or both model= and tokenizer=.")
         if path is not None:
             from ..device import resolve_device
-            from ..run import open_run
+            from ..train.run import open_run
 
             if device and device.startswith("cuda") and not torch.cuda.is_available():
                 # lm-eval's command line asks for cuda:0 unless told otherwise; fall back, as its own models do.
@@ -240,7 +240,7 @@ def _batch_size(value: int | str | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m parcae.eval.lm_eval ARGS`: lm-eval's command line with the `parcae` model registered."""
+    """`python -m parcae.interop.lm_eval ARGS`: lm-eval's command line with the `parcae` model registered."""
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
     # Run as a script, this file is `__main__`; the model is registered by the package module instead,
     # so that `parcae` names one class only.
-    from parcae.eval.lm_eval import main as _main
+    from parcae.interop.lm_eval import main as _main
 
     _main()
 else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli_types import EPILOG_DATA, non_negative_int, positive_float, positive_int
+from .args import EPILOG_DATA, non_negative_int, positive_float, positive_int
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -84,8 +84,8 @@ unless given with --set or --config.""",
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import TrainConfig, build_configs, fit_vocab_to_tokenizer, list_keys, sets_vocab
-    from .trainer import Trainer
+    from ..train.config import TrainConfig, build_configs, fit_vocab_to_tokenizer, list_keys, sets_vocab
+    from ..train.trainer import Trainer
 
     if args.list_keys:
         print(list_keys(args.preset))

@@ -1,6 +1,6 @@
 """Hugging Face transformers integration: `ParcaeHFConfig` and `ParcaeForCausalLM`, registered with the Auto classes.
 
-    import parcae.hf                       # registers model_type "parcae" with AutoConfig / AutoModelForCausalLM
+    import parcae.interop.hf                # registers model_type "parcae" with AutoConfig / AutoModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained("out/")       # no trust_remote_code needed
     tok = AutoTokenizer.from_pretrained("out/")                # a PreTrainedTokenizerFast
@@ -47,10 +47,11 @@ try:
     )
     from transformers.modeling_outputs import CausalLMOutputWithPast
 except ImportError as err:  # an optional dependency: say how to get it
-    raise ImportError("parcae.hf needs Hugging Face transformers: pip install 'parcae-looped[hf]'") from err
+    raise ImportError("parcae.interop.hf needs Hugging Face transformers: pip install 'parcae-looped[hf]'") from err
 
-from .config import ParcaeConfig
-from .interop import (
+from ..model.config import ParcaeConfig
+from ..model.parcae import IGNORE_INDEX, Parcae
+from .official import (
     HF_GENERATION_CONFIG,
     HF_MODEL_TYPE,
     byte_level_tokenizer_json,
@@ -58,7 +59,6 @@ from .interop import (
     load_parcae_lm,
     write_hf_config,
 )
-from .model.parcae import IGNORE_INDEX, Parcae
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ParcaeConfig))
 
@@ -320,7 +320,7 @@ def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerFast:
     """One of our tokenizers as a `PreTrainedTokenizerFast` (the byte tokenizer as the equivalent byte-level BPE)."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from .data.tokenizer import BOS, EOS, PAD
+    from ..data.tokenizer import BOS, EOS, PAD
 
     backend = HFTokenizer.from_str(byte_level_tokenizer_json()) if tokenizer.kind == "byte" else tokenizer.hf
     return PreTrainedTokenizerFast(

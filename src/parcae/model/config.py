@@ -25,7 +25,7 @@ MLPS = ("relu2", "swiglu")
 # The value-embedding gate reads the first 32 channels of the normed block input, as in the official code.
 VE_GATE_CHANNELS = 32
 
-# Keys that Hugging Face transformers writes into a model's config.json beside our fields (`parcae.hf`); they
+# Keys that Hugging Face transformers writes into a model's config.json beside our fields (`parcae.interop.hf`); they
 # describe the file, not the model, so `from_dict` skips them and one directory serves both loaders.
 HF_METADATA_KEYS = frozenset({"model_type", "architectures", "transformers_version", "dtype", "torch_dtype"})
 

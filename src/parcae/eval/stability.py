@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .model.parcae import Parcae
+from ..model.parcae import Parcae
 
 MatVec = Callable[[Tensor], Tensor]
 # A Krylov direction shorter than this fraction of the vector it came from is treated as breakdown

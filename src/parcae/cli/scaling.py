@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli_types import EPILOG_DATA, float_list, int_list, positive_int
+from .args import EPILOG_DATA, float_list, int_list, positive_int
 
 FIT_KINDS = ("isoflop", "params", "testtime", "unified")
 
@@ -99,9 +99,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------- handlers
 def cmd_flops(args: argparse.Namespace) -> int:
-    from ..config import get_preset
+    from ..model.config import get_preset
+    from ..scaling.flops import flops_per_token, format_breakdown, official_flops_per_token
     from ..train.config import parse_overrides
-    from .flops import flops_per_token, format_breakdown, official_flops_per_token
 
     model_set, train_set = parse_overrides(args.set)
     if train_set:
@@ -117,8 +117,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_plan(args: argparse.Namespace) -> int:
+    from ..scaling.sweep import format_plan, make_plan
     from ..train.config import build_configs
-    from .sweep import format_plan, make_plan
 
     out = Path(args.out)
     if out.exists():
@@ -143,7 +143,7 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from ..scaling.sweep import run_sweep
 
     results = run_sweep(args.plan, emit=args.emit, nproc=args.nproc_per_node, progress_bar=args.progress)
     if not args.emit and results.is_file():
@@ -152,7 +152,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_estimate(args: argparse.Namespace) -> int:
-    from .sweep import SweepPlan, estimate_seconds
+    from ..scaling.sweep import SweepPlan, estimate_seconds
 
     plan = SweepPlan.load(args.plan)
     seconds = estimate_seconds(plan, args.probe_steps)
@@ -161,8 +161,8 @@ def cmd_sweep_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from . import laws
-    from .plots import plot_fit
+    from ..scaling import laws
+    from ..scaling.plots import plot_fit
 
     out = Path(args.out)
     target = out / "fit.json"

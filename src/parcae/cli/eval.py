@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cli_types import int_list, name_list, non_negative_int, positive_float, positive_int
-from .bundle import BUNDLE_SHA256, BUNDLE_URL, resolve_core_dir
-from .scoring import seed_changes_h0
+from ..eval.bundle import BUNDLE_SHA256, BUNDLE_URL, resolve_core_dir
+from ..eval.scoring import seed_changes_h0
+from .args import int_list, name_list, non_negative_int, positive_float, positive_int
 
 DESCRIPTION = """\
 Evaluate a run (latest checkpoint) or a saved model at several test-time depths T.
@@ -69,8 +69,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..device import resolve_device
-    from ..run import open_run
-    from .core import find_tasks, load_task
+    from ..eval.core import find_tasks, load_task
+    from ..train.run import open_run
 
     if args.core is None and (args.tasks or args.max_per_task or args.fewshot is not None):
         raise ValueError("--tasks, --max-per-task and --fewshot need --core DIR.")
@@ -218,7 +218,7 @@ def _run_data_dir(run: Any) -> Path | None:
 def _eval_loss(run: Any, data: LossData, depths: list[int], args: argparse.Namespace, out_dir: Path) -> None:
     from ..data.packing import val_batches
     from ..data.shards import ShardStore
-    from .loss import format_table, loss_by_depth, plot_depth_curve
+    from ..eval.loss import format_table, loss_by_depth, plot_depth_curve
 
     cfg = run.config
     store = ShardStore.open(data.directory, data.split)
@@ -256,7 +256,7 @@ def _eval_loss(run: Any, data: LossData, depths: list[int], args: argparse.Names
 def _eval_core(
     run: Any, tasks: list, core_dir: Path, depths: list[int], args: argparse.Namespace, out_dir: Path
 ) -> None:
-    from .core import evaluate_core
+    from ..eval.core import evaluate_core
 
     h0 = seed_changes_h0(run.config)
     seeds = list(range(args.seeds if args.seeds is not None else 3 if h0 else 1))
@@ -326,7 +326,7 @@ def _register_core(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .bundle import download
+    from ..eval.bundle import download
 
     download(args.dir, source_zip=args.source_zip, url=args.url, sha256=args.sha256, force=args.force,
              timeout=args.timeout, progress=not args.no_progress)  # fmt: skip
@@ -334,7 +334,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_path(args: argparse.Namespace) -> int:
-    from .bundle import default_dir, verify
+    from ..eval.bundle import default_dir, verify
 
     directory = Path(args.dir) if args.dir else default_dir()
     verify(directory)

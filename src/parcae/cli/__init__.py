@@ -17,15 +17,15 @@ from typing import NoReturn
 
 # Modules with `register(commands)`; one line each, so features can be added independently.
 COMMAND_MODULES = (
-    "parcae.train.cli",
-    "parcae.eval.cli",
-    "parcae.infer.cli",
-    "parcae.data.cli",
-    "parcae.interop_cli",
-    "parcae.scaling.cli",
+    "parcae.cli.train",
+    "parcae.cli.eval",
+    "parcae.cli.generate",
+    "parcae.cli.data",
+    "parcae.cli.convert",
+    "parcae.cli.scaling",
 )
 # Modules with `register_lab(lab)`, adding `parcae lab NAME` experiments.
-LAB_MODULES: tuple[str, ...] = ("parcae.lab.cli",)
+LAB_MODULES: tuple[str, ...] = ("parcae.cli.lab",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .config import PRESETS, get_preset
-    from .model.parcae import count_params
+    from ..model.config import PRESETS, get_preset
+    from ..model.parcae import count_params
 
     print(f"{'preset':<18} {'params':>15}  layers P/R/C  d_model  μ_rec  injection")
     for name in PRESETS:
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # one line for the user; the traceback only with --debug
         if args.debug:
             raise
-        from .train.trainer import TrainingError
+        from ..train.trainer import TrainingError
 
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not isinstance(err, (ValueError, OSError, ImportError, TrainingError)):  # not a user error: likely a bug

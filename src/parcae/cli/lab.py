@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli_types import EPILOG_DATA, float_list, int_list, name_list, positive_float, positive_int
+from .args import EPILOG_DATA, float_list, int_list, name_list, positive_float, positive_int
 
 _DEFAULTS = "defaults: 3 injections × LR 3e-3,1e-2,3e-2 × 200 steps + 3 ablation runs at 1e-2 (≈ 40–50 min, 2 cores)"
 
@@ -55,8 +55,8 @@ def register_lab(lab: argparse._SubParsersAction) -> None:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
+    from ..lab.stability import QUICK, LabConfig, Thresholds, plan_runs, run_lab
     from ..train.config import parse_overrides
-    from .stability import QUICK, LabConfig, Thresholds, plan_runs, run_lab
 
     fields: dict = dict(QUICK) if args.quick else {}
     options = {
@@ -119,9 +119,9 @@ def _register_reasoning(lab: argparse._SubParsersAction) -> None:
 
 
 def _cmd_reasoning(args: argparse.Namespace) -> int:
+    from ..lab.reasoning import run_reasoning_lab
+    from ..lab.tasks import get_task, parse_difficulties
     from ..model.exit import ExitCriterion
-    from .reasoning import run_reasoning_lab
-    from .tasks import get_task, parse_difficulties
 
     task = get_task(args.task)
     ExitCriterion.parse(args.exit)  # a bad spec fails before any training
