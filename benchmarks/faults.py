@@ -20,7 +20,7 @@ that reads back as the same JSON value, `1e-05` → `1E-05`, must change nothing
     python benchmarks/faults.py                      # 6 chains × 8 faults, 60 steps, fresh interpreters
                                                      # (≈ 10 min on 2 cores)
     python benchmarks/faults.py --launcher fork      # the same from a forkserver (≈ 70 s)
-tests/test_reliability_kill.py runs one fixed chain through `run_chain`. The last line printed is the counts.
+tests/train/test_reliability_kill.py runs one fixed chain through `run_chain`. The last line printed is the counts.
 """
 
 from __future__ import annotations

@@ -316,14 +316,14 @@ def main() -> None:
     trained = open_run(args.run, device=device) if args.run else None
     base = trained.model if trained else Parcae(get_preset("parcae-tiny")).to(device).eval()
     parcae = long_context(base, max(context, base.config.max_seq_len), dtype)
-    gpt = Parcae(get_preset("gpt-tiny", max_seq_len=parcae.model.config.max_seq_len)).to(device, dtype).eval()
-    depth = parcae.model.config.mean_recurrence
+    gpt = Parcae(get_preset("gpt-tiny", max_seq_len=parcae.config.max_seq_len)).to(device, dtype).eval()
+    depth = parcae.config.mean_recurrence
     vocab = trained.tokenizer.vocab_size if trained else 256
     prompt = torch.randint(0, vocab, (1, args.prompt_len), device=device)
     if trained and (Path(trained.path) / "data" / "val").is_dir():
         prompt = next(iter(_val(trained, 1, args.prompt_len, 1)))[0].to(device)
     prompts = prompt.expand(args.batch, -1).contiguous()
-    print(f"parcae: {parcae.model.config.name} {parcae.num_parameters():,} params, T = {depth}; "
+    print(f"parcae: {parcae.config.name} {parcae.num_parameters():,} params, T = {depth}; "
           f"gpt: {gpt.num_parameters():,} params; {device} {args.dtype}, {torch.get_num_threads()} threads; "
           f"weights: {'trained ' + args.run if trained else 'random'}")  # fmt: skip
 

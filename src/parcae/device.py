@@ -1,7 +1,5 @@
 """Device resolution shared by every command (the base floor: imports nothing of the package)."""
 
-from __future__ import annotations
-
 import torch
 
 

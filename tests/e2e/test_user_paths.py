@@ -20,7 +20,7 @@ import io
 import json
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,15 +197,7 @@ class Runs:
         return self.get(f"data-{kind}", lambda out: train("parcae-tiny", _LOOPED, self.corpora[kind], out, steps))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These models are too small to gain from a second intra-op thread, and on a shared 2-core machine one that
-    waits for a busy core makes every small op cost a scheduler slice (6 training steps: 0.4 s with one thread,
-    14 s with two while another process keeps a core busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,6 @@
-"""The `parcae` command: a hub that collects subcommands from the modules that implement them.
-
-Each module in `COMMAND_MODULES` has `register(commands)`, which adds its parsers and sets
-`handler=` on each; `parcae lab …` experiments register into the `lab` group via `register_lab(lab)`.
-Errors a user can cause (bad config, missing data, corrupt checkpoint, a missing optional package, and
-argparse's usage errors) print one line `parcae: error: …` and exit with status 2 (1 for a run that
-diverged); `--debug` shows the traceback. docs/reliability.md lists what is tested.
-"""
-
-from __future__ import annotations
+"""The `parcae` command: each module in `COMMAND_MODULES` adds its subcommands (with `handler=`) in `register`.
+A user's error (bad config or data, corrupt checkpoint, missing package, usage) prints one line `parcae: error: …`
+and exits with 2 (1 for a diverged run); `--debug` shows the traceback. docs/reliability.md lists the tests."""
 
 import argparse
 import importlib
@@ -15,17 +8,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-# Modules with `register(commands)`; one line each, so features can be added independently.
-COMMAND_MODULES = (
-    "parcae.cli.train",
-    "parcae.cli.eval",
-    "parcae.cli.generate",
-    "parcae.cli.data",
-    "parcae.cli.convert",
-    "parcae.cli.scaling",
-)
-# Modules with `register_lab(lab)`, adding `parcae lab NAME` experiments.
-LAB_MODULES: tuple[str, ...] = ("parcae.cli.lab",)
+from .args import actions, command
+
+COMMAND_MODULES = ("train", "eval", "generate", "data", "convert", "scaling", "lab")  # each has register(commands)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,23 +21,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="parcae",
-        description="Parcae: train, evaluate and sample stable looped language models.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = _Parser(prog="parcae", description="Parcae: train, evaluate and sample stable looped language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = actions(parser, "command", "COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(commands)
-    if LAB_MODULES:
-        lab = commands.add_parser("lab", help="experiments: stability, reasoning, …").add_subparsers(
-            dest="lab_command", required=True, metavar="EXPERIMENT"
-        )
-        for name in LAB_MODULES:
-            importlib.import_module(name).register_lab(lab)
-    presets = commands.add_parser("presets", help="list model presets with their parameter counts")
-    presets.set_defaults(handler=cmd_presets)
+        importlib.import_module(f"{__name__}.{name}").register(commands)
+    command(commands, "presets", "list model presets with their parameter counts", handler=cmd_presets)
     return parser
 
 
@@ -87,7 +61,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             message = f"{type(err).__name__}: {message} (rerun with --debug for the traceback)"
         print(f"parcae: error: {message}", file=sys.stderr)
         return 1 if isinstance(err, TrainingError) else 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

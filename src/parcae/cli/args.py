@@ -1,8 +1,10 @@
-"""Argument types and shared help text for the `parcae` command and its subcommand modules."""
-
-from __future__ import annotations
+"""Argument types, parser helpers and shared help text for the `parcae` subcommand modules."""
 
 import argparse
+from functools import partial
+from typing import Any
+
+Commands = argparse._SubParsersAction
 
 EPILOG_DATA = """data specs (--data / SPEC):
   stdlib                         the Python standard library's .py sources (embedded default corpus)
@@ -12,25 +14,46 @@ EPILOG_DATA = """data specs (--data / SPEC):
 """
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def command(
+    commands: Commands, name: str, help: str, description: str | None = None, *, handler: Any = None, **kw: Any
+) -> argparse.ArgumentParser:
+    """A subcommand parser run by `handler(args)`; its description and epilog keep their line breaks (examples)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = commands.add_parser(name, help=help, description=description, formatter_class=raw, **kw)
+    if handler is not None:
+        parser.set_defaults(handler=handler)
+    return parser
 
 
-def float_list(text: str) -> list[float]:
-    """Comma-separated positive numbers (learning rates, FLOP budgets)."""
+def actions(parser: argparse.ArgumentParser, dest: str, metavar: str = "ACTION") -> Commands:
+    """The sub-actions of a command (`parcae data prepare`), one of which must be given."""
+    return parser.add_subparsers(dest=dest, required=True, metavar=metavar)
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The options among `names` that the user gave: the others keep the config's defaults."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _numbers(text: str, cast: type, kind: str, example: str = "") -> list[Any]:
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
+        values = [cast(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (e.g. 1e15,2e15), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind}{example}, got {text!r}") from None
     if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive {kind}, got {text!r}")
     return values
+
+
+def _number(text: str, cast: type, kind: str, above: int = 0) -> Any:
+    """`cast(text)` if it exceeds `above` (a NaN does not), else a usage error."""
+    try:
+        value = cast(text)
+        if value > above:
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected a {kind}, got {text!r}")
 
 
 def name_list(text: str) -> list[str]:
@@ -40,29 +63,8 @@ def name_list(text: str) -> list[str]:
     return names
 
 
-def _int_at_least(text: str, minimum: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "positive")
-
-
-def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "non-negative")
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+int_list = partial(_numbers, cast=int, kind="integers")
+float_list = partial(_numbers, cast=float, kind="numbers", example=" (e.g. 1e15,2e15)")  # learning rates, FLOP budgets
+positive_int = partial(_number, cast=int, kind="positive integer")
+non_negative_int = partial(_number, cast=int, kind="non-negative integer", above=-1)
+positive_float = partial(_number, cast=float, kind="positive number")

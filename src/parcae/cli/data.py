@@ -1,54 +1,35 @@
 """`parcae tokenizer train` and `parcae data prepare`."""
 
-from __future__ import annotations
-
 import argparse
 import json
 import sys
 from pathlib import Path
 
-from .args import EPILOG_DATA, positive_int
+from .args import EPILOG_DATA, Commands, actions, command, positive_int
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    tokenizer = commands.add_parser("tokenizer", help="train a BPE tokenizer").add_subparsers(
-        dest="tokenizer_command", required=True, metavar="ACTION"
-    )
-    tok_train = tokenizer.add_parser(
-        "train",
-        help="train a byte-level BPE tokenizer (GPT-4-style split, <|bos|> <|eos|> <|pad|>)",
-        epilog=EPILOG_DATA,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    tok_train.add_argument("--data", required=True, help="data spec")
-    tok_train.add_argument("--vocab-size", type=positive_int, required=True)
-    tok_train.add_argument("--out", required=True, metavar="DIR")
-    tok_train.add_argument(
-        "--max-chars",
-        type=positive_int,
-        help="read at most this many characters in all (default: the whole corpus; a warning says when it cuts)",
-    )
-    tok_train.add_argument("--text-field", default="text")
+def register(commands: Commands) -> None:
+    tokenizer = actions(commands.add_parser("tokenizer", help="train a BPE tokenizer"), "tokenizer_command")
+    about = "train a byte-level BPE tokenizer (GPT-4-style split, <|bos|> <|eos|> <|pad|>)"
+    tok_train = command(tokenizer, "train", about, epilog=EPILOG_DATA, handler=cmd_tokenizer)
+    add = tok_train.add_argument
+    add("--data", required=True, help="data spec")
+    add("--vocab-size", type=positive_int, required=True)
+    add("--out", required=True, metavar="DIR")
+    add("--max-chars", type=positive_int, help="read at most this many characters in all (default: the whole "
+        "corpus; a warning says when it cuts)")  # fmt: skip
+    add("--text-field", default="text")
 
-    tok_train.set_defaults(handler=cmd_tokenizer)
-
-    data = commands.add_parser("data", help="tokenize a corpus into shards").add_subparsers(
-        dest="data_command", required=True, metavar="ACTION"
-    )
-    prep = data.add_parser(
-        "prepare",
-        help="tokenize SPEC once into memory-mapped shards (train/ and val/)",
-        epilog=EPILOG_DATA,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    prep.add_argument("spec", metavar="SPEC")
-    prep.add_argument("--out", required=True, metavar="DIR")
-    prep.add_argument("--tokenizer", default="byte", help="'byte' (default) or a tokenizer.json / directory")
-    prep.add_argument("--text-field", default="text")
-    prep.add_argument("--val-fraction", type=float, default=0.01)
-    prep.add_argument("--max-tokens", type=positive_int, help="stop after this many tokens")
-
-    prep.set_defaults(handler=cmd_data)
+    data = actions(commands.add_parser("data", help="tokenize a corpus into shards"), "data_command")
+    about = "tokenize SPEC once into memory-mapped shards (train/ and val/)"
+    prep = command(data, "prepare", about, epilog=EPILOG_DATA, handler=cmd_data)
+    add = prep.add_argument
+    add("spec", metavar="SPEC")
+    add("--out", required=True, metavar="DIR")
+    add("--tokenizer", default="byte", help="'byte' (default) or a tokenizer.json / directory")
+    add("--text-field", default="text")
+    add("--val-fraction", type=float, default=0.01)
+    add("--max-tokens", type=positive_int, help="stop after this many tokens")
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:

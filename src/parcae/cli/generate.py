@@ -1,40 +1,34 @@
 """`parcae generate`: stream a continuation of a prompt from a model, with a KV cache and optional adaptive exit."""
 
-from __future__ import annotations
-
 import argparse
 import dataclasses
 import sys
 
-from .args import positive_int
+from .args import Commands, command, positive_int
+
+DESCRIPTION = """\
+Stream a continuation of a prompt (statistics on stderr).
+  parcae generate runs/tiny --prompt "def fib(" --steps 8
+  parcae generate runs/tiny --prompt "def fib(" --steps 16 --exit kl:5e-4 --min-steps 2
+  parcae generate runs/tiny --prompt "def fib(" --kv-policy last"""
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    gen = commands.add_parser(
-        "generate",
-        help="sample text from a model",
-        description=(
-            "Stream a continuation of a prompt (statistics on stderr).\n"
-            '  parcae generate runs/tiny --prompt "def fib(" --steps 8\n'
-            '  parcae generate runs/tiny --prompt "def fib(" --steps 16 --exit kl:5e-4 --min-steps 2\n'
-            '  parcae generate runs/tiny --prompt "def fib(" --kv-policy last'
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    gen.add_argument("run", metavar="RUN", help="run directory or save_pretrained directory")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--steps", type=positive_int, help="test-time depth T; the maximum with --exit (default μ_rec)")
-    gen.add_argument("--kv-policy", default="full", metavar="POLICY", help="full | budget:K | last (default full)")
-    gen.add_argument("--exit", metavar="SPEC", help="adaptive exit per token: kl:EPS | latent:EPS | argmax:K")
-    gen.add_argument("--min-steps", type=positive_int, help="iterations before --exit may stop a token (default 1)")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    gen.add_argument("--top-k", type=positive_int, default=50)
-    gen.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--checkpoint", metavar="NAME")
-    gen.add_argument("--device", default="auto")
-    gen.set_defaults(handler=cmd_generate)
+def register(commands: Commands) -> None:
+    gen = command(commands, "generate", "sample text from a model", DESCRIPTION, handler=cmd_generate)
+    add = gen.add_argument
+    add("run", metavar="RUN", help="run directory or save_pretrained directory")
+    add("--prompt", required=True)
+    add("--steps", type=positive_int, help="test-time depth T; the maximum with --exit (default μ_rec)")
+    add("--kv-policy", default="full", metavar="POLICY", help="full | budget:K | last (default full)")
+    add("--exit", metavar="SPEC", help="adaptive exit per token: kl:EPS | latent:EPS | argmax:K")
+    add("--min-steps", type=positive_int, help="iterations before --exit may stop a token (default 1)")
+    add("--max-new-tokens", type=positive_int, default=200)
+    add("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    add("--top-k", type=positive_int, default=50)
+    add("--top-p", type=float, help="nucleus sampling mass in (0, 1]")
+    add("--seed", type=int, default=0)
+    add("--checkpoint", metavar="NAME")
+    add("--device", default="auto")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -54,18 +48,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     run = open_run(args.run, checkpoint=args.checkpoint, device=resolve_device(args.device))
     tok = run.tokenizer
-    prompt = [tok.bos_id, *tok.encode(args.prompt)]
-    stream = generate(
-        run.model, [prompt], args.max_new_tokens, num_steps=args.steps, kv_policy=policy, exit=criterion,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop=[tok.bos_id, tok.eos_id],
-        seed=args.seed, stream=True, vocab_limit=tok.vocab_size, pad_id=tok.pad_id,
-    )  # fmt: skip
+    stop = [tok.bos_id, tok.eos_id]
+    stream = generate(run.model, [[tok.bos_id, *tok.encode(args.prompt)]], args.max_new_tokens, num_steps=args.steps,
+                      kv_policy=policy, exit=criterion, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, stop=stop, seed=args.seed, stream=True, vocab_limit=tok.vocab_size,
+                      pad_id=tok.pad_id)  # fmt: skip
     print(args.prompt, end="", flush=True)
     new: list[int] = []
     shown = ""
     for step in stream:
         token = int(step.tokens[0])
-        if token in (tok.bos_id, tok.eos_id):
+        if token in stop:
             break
         new.append(token)
         text = tok.decode(new)

@@ -5,27 +5,7 @@ from .shards import MemoryStore, ShardStore, TokenStore, is_prepared, prepare, t
 from .sources import Document, SourceSpec, iter_documents, parse_spec, split_of, stdlib_summary
 from .tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, get_tokenizer, load_tokenizer, train_bpe
 
-__all__ = [
-    "BPETokenizer",
-    "BestFitPacker",
-    "ByteTokenizer",
-    "Document",
-    "MemoryStore",
-    "ShardStore",
-    "SourceSpec",
-    "TokenStore",
-    "Tokenizer",
-    "get_tokenizer",
-    "is_prepared",
-    "iter_documents",
-    "load_tokenizer",
-    "parse_spec",
-    "prepare",
-    "rank_documents",
-    "split_of",
-    "stdlib_summary",
-    "token_dtype",
-    "train_bpe",
-    "val_batches",
-    "val_split_note",
-]
+__all__ = ["BestFitPacker", "rank_documents", "val_batches"]
+__all__ += ["MemoryStore", "ShardStore", "TokenStore", "is_prepared", "prepare", "token_dtype", "val_split_note"]
+__all__ += ["Document", "SourceSpec", "iter_documents", "parse_spec", "split_of", "stdlib_summary"]
+__all__ += ["BPETokenizer", "ByteTokenizer", "Tokenizer", "get_tokenizer", "load_tokenizer", "train_bpe"]

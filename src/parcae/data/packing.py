@@ -1,30 +1,23 @@
 """BOS-aligned buffered best-fit packing of documents into fixed-length training rows.
 
-Each row holds `seq_len + 1` tokens; a batch is (inputs = row[:-1], labels = row[1:]). The algorithm:
+Each row holds `seq_len + 1` tokens; a batch is (inputs = row[:-1], labels = row[1:]).
 
-1. Partition. Document `i` belongs to rank `i % world_size` (`rank_documents`): a true partition, so
-   across ranks no document is read twice or skipped.
-2. Order. Epoch `e` visits the rank's documents in the permutation drawn from
-   `np.random.default_rng((seed, e, rank))` (in store order with `shuffle=False`).
-3. Buffer. Before every pick the buffer of pending pieces `(doc, start, end)`, kept sorted by length, is
-   topped up to `buffer_size` pieces with the current epoch's next documents (empty ones are skipped).
-   It draws only from the current epoch: once the permutation is used up the buffer drains, and the
-   next epoch starts only when the current one is used up (permutation exhausted and buffer empty), so
-   within an epoch every token of the rank's documents is placed exactly once, however few or long the
-   documents are. A row still being filled when an epoch runs out continues with the next epoch's
-   documents (`loop=True`); with `loop=False` the stream ends there instead.
-4. Best fit. A row is filled greedily with the largest pending piece that fits the space left. When
-   none fits, the largest piece is cut: its prefix fills the row exactly and the remainder returns to
-   the buffer as a continuation piece (a "crop"; tokens placed from continuations count, once each, as
-   "carried"). No token is ever dropped, long documents span rows (a single long document fills
-   consecutive rows with consecutive text), and since every stored document opens with BOS, every
-   document's first piece does too; only continuation pieces start mid-document.
-5. End. Padding (`pad_id` in inputs, -100 in labels) appears only once the data runs out with
-   `loop=False`: the last row is padded, the last batch may have fewer rows (never an all-padding
-   row), and the next `next_batch` raises `StopIteration` (the packer is also an iterator).
+1. Partition: document `i` belongs to rank `i % world_size` (`rank_documents`), so no document is read twice or
+   skipped across ranks. Epoch `e` visits the rank's documents in `np.random.default_rng((seed, e, rank))`'s
+   permutation (store order with `shuffle=False`).
+2. Buffer: before every pick the pending pieces `(doc, start, end)`, sorted by length, are topped up to
+   `buffer_size` from the current epoch only; the next epoch starts once this one is used up (permutation
+   exhausted, buffer empty). So within an epoch every token is placed exactly once, however few or long the
+   documents. A row still being filled when an epoch runs out continues with the next (`loop=False`: the stream
+   ends there).
+3. Best fit: a row takes the largest piece that fits the space left; when none fits, the largest is cut to fill
+   the row exactly and its remainder returns to the buffer (a "crop"; tokens placed from such continuations count
+   as "carried"). No token is dropped, and every document's first piece opens with BOS.
+4. End: padding (`pad_id` in inputs, -100 in labels) appears only when a `loop=False` stream runs out: the last
+   row is padded, the last batch may be short (never an all-padding row), then `StopIteration`.
 
-`state_dict` captures (epoch, position in the permutation, buffer, statistics) as plain JSON; loading it
-into a fresh packer over the same store reproduces the uninterrupted stream of batches exactly.
+`state_dict` is plain JSON (epoch, permutation position, buffer, statistics); loading it into a fresh packer over
+the same store reproduces the uninterrupted stream of batches exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +36,7 @@ from .shards import TokenStore
 IGNORE_INDEX = -100
 STATE_VERSION = 1
 _STAT_KEYS = ("rows", "tokens", "padding_tokens", "crops", "carried_tokens", "epochs")
+_CONFIG_KEYS = ("seq_len", "batch_size", "buffer_size", "seed", "rank", "world_size", "shuffle", "loop")
 # Must match for a state to resume: they fix what the saved positions and pieces mean.
 _STATE_KEYS = ("num_docs", "seq_len", "seed", "rank", "world_size", "shuffle")
 
@@ -83,18 +77,14 @@ class BestFitPacker:
         self._lengths = np.asarray(store.doc_lengths, dtype=np.int64)
         if loop and int(self._lengths[self._docs.start :: world_size].sum()) == 0:  # would never yield a row
             raise ValueError(f"Rank {rank} of {world_size} has no tokens to pack ({store.num_docs} documents in all).")
-        self._epoch = 0
-        self._cursor = 0
+        self._epoch = self._cursor = 0
         self._perm = self._permutation(0)
         self._buffer: list[tuple[int, int, int, int]] = []  # (length, doc, start, end), sorted ascending
         self._stats = dict.fromkeys(_STAT_KEYS, 0)
 
-    # ------------------------------------------------------------------ the stream
     def _permutation(self, epoch: int) -> np.ndarray:
         n = len(self._docs)
-        if not self.shuffle:
-            return np.arange(n, dtype=np.int64)
-        return np.random.default_rng((self.seed, epoch, self.rank)).permutation(n)
+        return np.random.default_rng((self.seed, epoch, self.rank)).permutation(n) if self.shuffle else np.arange(n)
 
     def _draw(self) -> None:
         """Top the buffer up with the current epoch's next documents; never crosses into the next epoch."""
@@ -106,21 +96,16 @@ class BestFitPacker:
             if n:
                 insort(buffer, (n, doc, 0, n))
 
-    def _refill(self) -> None:
-        """`_draw`, first starting the next epoch if the current one is used up (and the stream loops)."""
-        self._draw()
-        if not self._buffer and self.loop:  # permutation exhausted and buffer empty: the epoch is used up
-            self._epoch += 1
-            self._perm = self._permutation(self._epoch)
-            self._cursor = 0
-            self._draw()  # not empty: the constructor checked that this rank has tokens
-
     def _fill_row(self, row: np.ndarray) -> int:
         """Best-fit pieces into `row`; returns how many tokens were placed (< len(row) only at the end)."""
         buffer, store = self._buffer, self.store
         space, pos = row.size, 0
         while space:
-            self._refill()
+            self._draw()
+            if not buffer and self.loop:  # permutation exhausted and buffer empty: the epoch is used up
+                self._epoch, self._cursor = self._epoch + 1, 0
+                self._perm = self._permutation(self._epoch)
+                self._draw()  # not empty: the constructor checked that this rank has tokens
             if not buffer:  # loop=False and the data is spent
                 break
             i = bisect_right(buffer, (space, sys.maxsize)) - 1  # largest piece with length <= space
@@ -165,13 +150,11 @@ class BestFitPacker:
         self._stats["padding_tokens"] += len(filled) * width - placed
         return torch.from_numpy(np.ascontiguousarray(rows[:, :-1])), torch.from_numpy(labels)
 
+    __next__ = next_batch
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.next_batch()
-
-    # ------------------------------------------------------------------ telemetry and resumption
     def stats(self) -> dict[str, Any]:
         """Counts so far: rows, tokens (non-padding), padding_tokens, padding_fraction, crops, carried_tokens,
         epochs (passes over this rank's documents whose every token has been placed)."""
@@ -181,17 +164,7 @@ class BestFitPacker:
         return out
 
     def _config(self) -> dict[str, Any]:
-        return {
-            "num_docs": self.store.num_docs,
-            "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
-            "buffer_size": self.buffer_size,
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "shuffle": self.shuffle,
-            "loop": self.loop,
-        }
+        return {"num_docs": self.store.num_docs, **{k: getattr(self, k) for k in _CONFIG_KEYS}}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-JSON resumption state: epoch, permutation position, buffered pieces, statistics."""
@@ -231,10 +204,7 @@ def val_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic validation batches: store order, one pass, at most `max_batches` (None: all).
-
-    An empty store (or rank) yields no batches.
-    """
+    """Deterministic validation batches: store order, one pass, at most `max_batches` (None: all; none if empty)."""
     packer = BestFitPacker(
         store, seq_len, batch_size, rank=rank, world_size=world_size, shuffle=False, loop=False, pad_id=pad_id
     )

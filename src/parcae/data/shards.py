@@ -6,25 +6,20 @@ Layout written by `prepare(spec, tokenizer, out_dir)`:
     out_dir/tokenizer.json      the tokenizer (`load_tokenizer(out_dir)` gets it back)
     out_dir/{train,val}/
         shard-00000.bin ...     raw little-endian uint16 tokens (uint32 when vocab_size > 65536)
-        docs.npy                int64 [num_docs + 1]: start of each document in the split's token stream
-                                (the shards concatenated), plus the end; global, not per shard
+        docs.npy                int64 [num_docs + 1]: each document's start in the concatenated shards, plus the end
         index.json              dtype, vocab_size, counts, each shard's token count and sha256, docs.npy's sha256
 
-Every document is stored as [BOS] + encode(text); the packer relies on BOS opening each document. A
-document never straddles two shards, so `doc(i)` is always a view into one memory map: a shard is
-closed before a document that would overflow `shard_tokens` (a single longer document gets a shard to
-itself). Everything is written into a hidden sibling directory that is renamed into place at the end,
-so a crash leaves no half-written directory that `is_prepared` would accept.
-
-The split is the source's (`sources.split_of`, per piece of a long document). When hashing leaves "val"
-empty although there are at least two pieces, `prepare` holds out one train piece (the first in
-`sources.fallback_key` order) and records its id as "val_fallback"; this directory is then the source
-of truth for the split. `val_split_note` says, in one sentence, why a prepared val split is empty.
+Every document is stored as [BOS] + encode(text) (the packer relies on BOS opening each document) and never
+straddles two shards (a shard is closed before a document that would overflow it), so `doc(i)` is a view into one
+memory map. Writing goes to a hidden sibling directory renamed into place at the end: a crash leaves nothing that
+`is_prepared` accepts. The split is the source's (`sources.split_of`), plus the piece `prepare` holds out when
+hashing leaves "val" empty ("val_fallback"): this directory is then the source of truth for the split.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -33,13 +28,12 @@ import sys
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
-from .sources import Document, fallback_key, iter_documents, split_of
+from .sources import Document, _one_line, fallback_key, iter_documents, split_of
 from .tokenizer import Tokenizer
 
 FORMAT = "parcae-shards"
@@ -50,7 +44,6 @@ OFFSETS_FILE = "docs.npy"
 SPLIT_DIRS = ("train", "val")
 _ENCODE_CHUNK_DOCS = 512
 _ENCODE_CHUNK_CHARS = 1 << 23
-_WRITE_CHUNK_TOKENS = 1 << 22
 _HASH_CHUNK_BYTES = 1 << 22
 
 
@@ -63,23 +56,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class TokenStore(Protocol):
     """Documents as token arrays, each opening with BOS."""
 
-    @property
-    def num_docs(self) -> int: ...
+    num_docs: int
+    num_tokens: int
+    dtype: np.dtype
+    doc_lengths: np.ndarray  # int64 [num_docs]: tokens per document (without reading any token)
 
-    @property
-    def num_tokens(self) -> int: ...
-
-    @property
-    def dtype(self) -> np.dtype: ...
-
-    @property
-    def doc_lengths(self) -> np.ndarray:
-        """int64 [num_docs]: tokens per document (without reading any token)."""
-        ...
-
-    def doc(self, i: int) -> np.ndarray:
-        """Tokens of document `i` (a view, not a copy)."""
-        ...
+    def doc(self, i: int) -> np.ndarray: ...  # tokens of document `i` (a view, not a copy)
 
 
 def _check_offsets(offsets: np.ndarray, num_tokens: int, where: str) -> np.ndarray:
@@ -100,15 +82,14 @@ class MemoryStore:
             raise ValueError("MemoryStore tokens must be one-dimensional.")
         self.offsets = _check_offsets(offsets, self.tokens.size, "MemoryStore")
         self.doc_lengths = np.diff(self.offsets)
+        self.num_docs, self.num_tokens, self.dtype = self.offsets.size - 1, int(self.tokens.size), self.tokens.dtype
 
     @classmethod
     def from_token_lists(cls, docs: Iterable[Iterable[int]], dtype: Any = np.int64) -> MemoryStore:
         """A store holding exactly `docs` (no BOS is added)."""
-        arrays = [np.asarray(list(d) if not isinstance(d, np.ndarray) else d, dtype=dtype) for d in docs]
-        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-        np.cumsum([a.size for a in arrays], out=offsets[1:])
-        tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
-        return cls(tokens.astype(dtype, copy=False), offsets)
+        arrays = [np.asarray(d if isinstance(d, np.ndarray) else list(d), dtype=dtype) for d in docs]
+        offsets = np.cumsum([0, *(a.size for a in arrays)], dtype=np.int64)
+        return cls(np.concatenate([np.zeros(0, dtype=dtype), *arrays]), offsets)
 
     @classmethod
     def from_documents(
@@ -116,26 +97,11 @@ class MemoryStore:
     ) -> MemoryStore:
         """Tokenize `docs` in memory, each stored as [BOS] + encode(text)."""
         dtype = token_dtype(tokenizer.vocab_size)
+        texts = (d.text if isinstance(d, Document) else d for d in docs)
         arrays: list[np.ndarray] = []
-        for batch in _batched((d.text if isinstance(d, Document) else d for d in docs), batch_docs):
-            for ids in tokenizer.encode_batch(batch):
-                arr = np.empty(len(ids) + 1, dtype=dtype)  # converted per batch: no corpus-sized int lists
-                arr[0] = tokenizer.bos_id
-                arr[1:] = ids
-                arrays.append(arr)
+        while batch := list(itertools.islice(texts, batch_docs)):  # converted per batch: no corpus-sized int lists
+            arrays.extend(np.array([tokenizer.bos_id, *ids], dtype=dtype) for ids in tokenizer.encode_batch(batch))
         return cls.from_token_lists(arrays, dtype=dtype)
-
-    @property
-    def num_docs(self) -> int:
-        return self.offsets.size - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.size)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.tokens.dtype
 
     def doc(self, i: int) -> np.ndarray:
         if not 0 <= i < self.num_docs:
@@ -150,19 +116,16 @@ class ShardStore:
     """One split of a prepared directory, memory-mapped. Open with `ShardStore.open(directory, split)`."""
 
     def __init__(self, directory: Path, index: dict[str, Any], offsets: np.ndarray, maps: list[np.ndarray]) -> None:
-        self.directory = directory
-        self.index = index
-        self.offsets = offsets
+        self.directory, self.index, self.offsets = directory, index, offsets
         self.doc_lengths = np.diff(offsets)
+        self.num_docs, self.num_tokens = offsets.size - 1, int(offsets[-1])
+        self.dtype = np.dtype(index["dtype"])
         self._maps = maps
-        counts = [s["num_tokens"] for s in index["shards"]]
-        self._shard_starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        self._shard_starts = np.cumsum([0, *(s["num_tokens"] for s in index["shards"])], dtype=np.int64)
         # Shard of each document: the last shard starting at or before the document's start.
         self._doc_shard = np.searchsorted(self._shard_starts[:-1], offsets[:-1], side="right") - 1
-        if self.num_docs:
-            ends_within = offsets[1:] <= self._shard_starts[self._doc_shard + 1]
-            if not np.all(ends_within):
-                raise ValueError(f"{directory}: a document straddles two shards; the index is corrupt.")
+        if self.num_docs and not np.all(offsets[1:] <= self._shard_starts[self._doc_shard + 1]):
+            raise ValueError(f"{directory}: a document straddles two shards; the index is corrupt.")
 
     @classmethod
     def open(cls, directory: str | Path, split: str = "train") -> ShardStore:
@@ -171,61 +134,42 @@ class ShardStore:
         index_path = split_dir / INDEX_FILE
         if not index_path.is_file():
             raise FileNotFoundError(f"No prepared split at {split_dir} (missing {INDEX_FILE}); run prepare first.")
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else exc.reason
-            raise ValueError(f"{index_path} is not valid JSON ({reason}).") from None
-        if not isinstance(index, dict) or index.get("format") != FORMAT:
+        index = _read_json(index_path)
+        if index.get("format") != FORMAT:
             raise ValueError(f"{index_path} is not a {FORMAT} index.")
         if index.get("version") != FORMAT_VERSION:
             raise ValueError(f"{index_path} has format version {index.get('version')}; expected {FORMAT_VERSION}.")
-        try:
-            return cls._open_checked(split_dir, index_path, index)
-        except (KeyError, TypeError, AttributeError) as exc:  # a field missing or of the wrong type: damaged
+        try:  # a field missing or of the wrong type is damage: KeyError, TypeError, AttributeError below
+            dtype = np.dtype(index["dtype"]).newbyteorder("<")
+            if dtype.kind != "u" or dtype.itemsize not in (2, 4):
+                raise ValueError(f"{index_path}: unsupported token dtype {index['dtype']!r}.")
+            num_tokens = int(index["num_tokens"])
+            if sum(s["num_tokens"] for s in index["shards"]) != num_tokens:
+                raise ValueError(f"{index_path}: shard token counts do not add up to num_tokens {num_tokens}.")
+            offsets_path = split_dir / OFFSETS_FILE
+            if not offsets_path.is_file():
+                raise FileNotFoundError(f"Missing document offsets {offsets_path}.")
+            try:
+                stored = np.load(offsets_path)
+            except Exception as exc:  # a damaged .npy header fails in numpy's parser with many error types
+                raise ValueError(f"{offsets_path} is corrupt ({_one_line(exc)}).") from None
+            offsets = _check_offsets(stored, num_tokens, str(offsets_path))
+            if (found := offsets.size - 1) != index["num_docs"]:
+                raise ValueError(f"{offsets_path} holds {found} documents; the index says {index['num_docs']}.")
+            maps = []
+            for shard in index["shards"]:
+                path = split_dir / shard["file"]
+                if not path.is_file():
+                    raise FileNotFoundError(f"Missing shard {path}.")
+                expected = shard["num_tokens"] * dtype.itemsize
+                if (size := path.stat().st_size) != expected:
+                    raise ValueError(
+                        f"Shard {path} has {size} bytes but its index expects {expected}: it is truncated."
+                    )
+                maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["num_tokens"],)))
+            return cls(split_dir, index, offsets, maps)
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{index_path} is corrupt ({type(exc).__name__}: {exc}).") from None
-
-    @classmethod
-    def _open_checked(cls, split_dir: Path, index_path: Path, index: dict[str, Any]) -> ShardStore:
-        dtype = np.dtype(index["dtype"]).newbyteorder("<")
-        if dtype.kind != "u" or dtype.itemsize not in (2, 4):
-            raise ValueError(f"{index_path}: unsupported token dtype {index['dtype']!r}.")
-        num_tokens = int(index["num_tokens"])
-        if sum(s["num_tokens"] for s in index["shards"]) != num_tokens:
-            raise ValueError(f"{index_path}: shard token counts do not add up to num_tokens {num_tokens}.")
-        offsets_path = split_dir / OFFSETS_FILE
-        if not offsets_path.is_file():
-            raise FileNotFoundError(f"Missing document offsets {offsets_path}.")
-        try:
-            stored = np.load(offsets_path)
-        except Exception as exc:  # a damaged .npy header fails in numpy's parser with many error types
-            raise ValueError(f"{offsets_path} is corrupt ({' '.join(str(exc).split())}).") from None
-        offsets = _check_offsets(stored, num_tokens, str(offsets_path))
-        if offsets.size - 1 != index["num_docs"]:
-            raise ValueError(f"{offsets_path} holds {offsets.size - 1} documents; the index says {index['num_docs']}.")
-        maps = []
-        for shard in index["shards"]:
-            path = split_dir / shard["file"]
-            if not path.is_file():
-                raise FileNotFoundError(f"Missing shard {path}.")
-            expected = shard["num_tokens"] * dtype.itemsize
-            actual = path.stat().st_size
-            if actual != expected:
-                raise ValueError(f"Shard {path} has {actual} bytes but its index expects {expected}: it is truncated.")
-            maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["num_tokens"],)))
-        return cls(split_dir, index, offsets, maps)
-
-    @property
-    def num_docs(self) -> int:
-        return self.offsets.size - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.index["dtype"])
 
     @property
     def vocab_size(self) -> int:
@@ -240,15 +184,12 @@ class ShardStore:
 
     def verify(self) -> None:
         """Recompute every shard's sha256 (and the offsets'); `ValueError` names the first file that does not match."""
-        offsets = self.directory / OFFSETS_FILE
-        expected = self.index.get("offsets_sha256")  # absent in directories prepared before it was recorded
-        if expected is not None and sha256_file(offsets) != expected:
-            raise ValueError(f"{offsets} fails its sha256 check: the file is corrupt; re-run prepare.")
-        for shard in self.index["shards"]:
-            path = self.directory / shard["file"]
-            digest = sha256_file(path)
-            if digest != shard["sha256"]:
-                raise ValueError(f"Shard {path} fails its sha256 check: the file is corrupt; re-run prepare.")
+        # No "offsets_sha256" in directories prepared before it was recorded.
+        shards = [(s["file"], s["sha256"]) for s in self.index["shards"]]
+        for name, expected in [(OFFSETS_FILE, self.index.get("offsets_sha256")), *shards]:
+            path = self.directory / name
+            if expected is not None and sha256_file(path) != expected:
+                raise ValueError(f"{path} fails its sha256 check: the file is corrupt; re-run prepare.")
 
     def __repr__(self) -> str:
         return f"ShardStore({str(self.directory)!r}, num_docs={self.num_docs}, num_tokens={self.num_tokens})"
@@ -260,7 +201,6 @@ def is_prepared(path: str | Path) -> bool:
     return (path / DATASET_FILE).is_file() and all((path / s / INDEX_FILE).is_file() for s in SPLIT_DIRS)
 
 
-# ---------------------------------------------------------------------------------------------- writing
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -269,81 +209,56 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else exc.reason
+        raise ValueError(f"{path} is not valid JSON ({reason}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object.")
+    return data
 
 
-@dataclass
-class _Shard:
-    file: str
-    handle: BinaryIO
-    hasher: Any
-    num_tokens: int = 0
-
-
+# ---------------------------------------------------------------------------------------------- writing
 class _SplitWriter:
-    """Appends documents to one split's shards, buffering writes and hashing as it goes."""
+    """Appends documents to one split's shards, hashing each shard as it is written."""
 
-    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int) -> None:
-        self.directory = directory
-        self.dtype = dtype
-        self.shard_tokens = shard_tokens
-        self.starts = array("q")
-        self.num_tokens = 0
-        self.shards: list[dict[str, Any]] = []
-        self._open: _Shard | None = None
-        self._pending: list[np.ndarray] = []
-        self._pending_tokens = 0
+    def __init__(self, directory: Path, shard_tokens: int) -> None:
         directory.mkdir(parents=True)
-
-    @property
-    def num_docs(self) -> int:
-        return len(self.starts)
+        self.directory, self.shard_tokens = directory, shard_tokens
+        self.starts = array("q")  # each document's start in the split's token stream
+        self.num_tokens = 0
+        self.shards: list[dict[str, Any]] = []  # index entries; the last is the open shard's while `_file` is set
+        self._file: BinaryIO | None = None
+        self._hasher = hashlib.sha256()
 
     def add(self, tokens: np.ndarray) -> None:
-        n = tokens.size
-        if self._open is not None and self._open.num_tokens and self._open.num_tokens + n > self.shard_tokens:
+        """Append one document, already in the shard dtype (never empty: it holds at least BOS)."""
+        if self._file is not None and self.shards[-1]["num_tokens"] + tokens.size > self.shard_tokens:
             self._close_shard()
-        if self._open is None:
+        if self._file is None:
             name = f"shard-{len(self.shards):05d}.bin"
-            self._open = _Shard(name, (self.directory / name).open("wb"), hashlib.sha256())
+            self.shards.append({"file": name, "num_tokens": 0})
+            self._file, self._hasher = (self.directory / name).open("wb"), hashlib.sha256()
         self.starts.append(self.num_tokens)
-        self.num_tokens += n
-        self._open.num_tokens += n
-        self._pending.append(tokens)
-        self._pending_tokens += n
-        if self._pending_tokens >= _WRITE_CHUNK_TOKENS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._open is None or not self._pending:
-            return
-        data = np.concatenate(self._pending).astype(self.dtype, copy=False).tobytes()
-        self._open.handle.write(data)
-        self._open.hasher.update(data)
-        self._pending, self._pending_tokens = [], 0
+        self.num_tokens += tokens.size
+        self.shards[-1]["num_tokens"] += tokens.size
+        data = tokens.tobytes()
+        self._file.write(data)
+        self._hasher.update(data)
 
     def _close_shard(self) -> None:
-        assert self._open is not None
-        self._flush()
-        self._open.handle.close()
-        self.shards.append(
-            {"file": self._open.file, "num_tokens": self._open.num_tokens, "sha256": self._open.hasher.hexdigest()}
-        )
-        self._open = None
+        assert self._file is not None
+        self._file.close()
+        self.shards[-1]["sha256"] = self._hasher.hexdigest()
+        self._file = None
 
     def finish(self, meta: Mapping[str, Any]) -> dict[str, Any]:
-        if self._open is not None:
+        """Close the last shard and write the offsets and the index; returns the split's counts."""
+        if self._file is not None:
             self._close_shard()
-        offsets = np.frombuffer(self.starts, dtype=np.int64) if self.starts else np.zeros(0, dtype=np.int64)
-        np.save(self.directory / OFFSETS_FILE, np.append(offsets, self.num_tokens).astype(np.int64))
+        np.save(self.directory / OFFSETS_FILE, np.append(np.array(self.starts, dtype=np.int64), self.num_tokens))
         index = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -355,16 +270,17 @@ class _SplitWriter:
             "shards": self.shards,
         }
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return {"num_docs": index["num_docs"], "num_tokens": self.num_tokens, "num_shards": len(self.shards)}
+        return {"num_docs": len(self.starts), "num_tokens": self.num_tokens, "num_shards": len(self.shards)}
 
     def abort(self) -> None:
-        if self._open is not None:
-            self._open.handle.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _chunks(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    """`docs` in lists of at most _ENCODE_CHUNK_DOCS documents, closed once they reach _ENCODE_CHUNK_CHARS."""
     chunk: list[Document] = []
-    chars = 0
+    chars = 0  # in `chunk`
     for doc in docs:
         chunk.append(doc)
         chars += len(doc.text)
@@ -373,17 +289,6 @@ def _chunks(docs: Iterator[Document]) -> Iterator[list[Document]]:
             chunk, chars = [], 0
     if chunk:
         yield chunk
-
-
-def _claim_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory.")
-    if overwrite or not out.exists():
-        return
-    if is_prepared(out):
-        raise FileExistsError(f"{out} already holds a prepared dataset; pass overwrite=True to replace it.")
-    if any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose another directory or pass overwrite=True.")
 
 
 def prepare(
@@ -401,44 +306,69 @@ def prepare(
 ) -> dict[str, Any]:
     """Tokenize every document of `spec` into `out_dir` (layout in the module docstring); returns the summary.
 
-    One pass over the source: each piece goes to train or val by its id (see `sources.split_of`). If
-    that leaves val empty while `val_fraction` > 0 and train holds at least two pieces, a second pass
-    holds out the train piece that comes first in `sources.fallback_key` order (the split then depends
-    only on the set of ids, so it is stable; it happens only for corpora of a few pieces). With
-    `max_tokens`, reading stops after the document that brings the total (both splits) to at least
-    `max_tokens`. An existing non-empty `out_dir` is only replaced with `overwrite=True`.
+    Each piece goes to train or val by its id (`sources.split_of`). If that leaves val empty while `val_fraction`
+    > 0 and train holds at least two pieces, a second pass holds out the train piece first in `sources.fallback_key`
+    order (stable: it depends only on the set of ids). With `max_tokens`, reading stops after the document that
+    brings the total (both splits) to at least `max_tokens`. A non-empty `out_dir` is replaced only with `overwrite`.
     """
+    from tqdm.auto import tqdm
+
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive; got {shard_tokens}.")
     out = Path(out_dir)
-    _claim_output(out, overwrite)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory.")
+    if out.exists() and not overwrite:
+        if is_prepared(out):
+            raise FileExistsError(f"{out} already holds a prepared dataset; pass overwrite=True to replace it.")
+        if any(out.iterdir()):
+            raise FileExistsError(f"{out} is not empty; choose another directory or pass overwrite=True.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     started = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {s: _SplitWriter(tmp / s, dtype, shard_tokens) for s in SPLIT_DIRS}
-    fallback: list[str] = []
+    writers: dict[str, _SplitWriter] = {}
+    first_train = (1 << 64, "")  # the train piece first in `fallback_key` order; above every real key
 
-    def tokenize_pass(forced_val: frozenset[str]) -> tuple[bool, str | None]:
-        docs = iter_documents(spec, "all", text_field=text_field, val_fraction=val_fraction, load_kwargs=load_kwargs)
-        return _tokenize_into(docs, tokenizer, writers, val_fraction, forced_val, max_tokens, progress, spec)
-
-    try:
-        truncated, first_train = tokenize_pass(frozenset())
-        if val_fraction > 0 and writers["val"].num_docs == 0 and writers["train"].num_docs >= 2:
-            assert first_train is not None
-            fallback = [first_train]
-            num_pieces = writers["train"].num_docs
-            for s in SPLIT_DIRS:  # start over: the held-out piece may sit anywhere in the train shards
+    def tokenize_pass(forced_val: frozenset[str]) -> bool:
+        """Stream the source into fresh writers; True when `max_tokens` stopped it early."""
+        nonlocal first_train
+        for s in SPLIT_DIRS:  # a second pass starts over: the held-out piece may sit anywhere in the train shards
+            if s in writers:
                 writers[s].abort()
                 shutil.rmtree(tmp / s)
-                writers[s] = _SplitWriter(tmp / s, dtype, shard_tokens)
-            truncated, _ = tokenize_pass(frozenset(fallback))
+            writers[s] = _SplitWriter(tmp / s, shard_tokens)
+        docs = iter_documents(spec, "all", text_field=text_field, val_fraction=val_fraction, load_kwargs=load_kwargs)
+        total = 0
+        with tqdm(desc=f"prepare {spec}", unit="doc", unit_scale=True, disable=not progress) as bar:
+            for chunk in _chunks(docs):
+                encoded = tokenizer.encode_batch([d.text for d in chunk])
+                for done, (doc, ids) in enumerate(zip(chunk, encoded, strict=True), start=1):
+                    tokens = np.array([tokenizer.bos_id, *ids], dtype=dtype)
+                    split = split_of(doc.id, val_fraction, forced_val)
+                    writers[split].add(tokens)
+                    if split == "train":
+                        first_train = min(first_train, fallback_key(doc.id))
+                    total += tokens.size
+                    if max_tokens is not None and total >= max_tokens:
+                        bar.update(done)
+                        return True
+                bar.update(len(chunk))
+                bar.set_postfix(tokens=f"{total:,}", refresh=False)
+        return False
+
+    fallback: list[str] = []
+    try:
+        truncated = tokenize_pass(frozenset())
+        num_pieces = len(writers["train"].starts)
+        if val_fraction > 0 and not writers["val"].starts and num_pieces >= 2:
+            fallback = [first_train[1]]
+            truncated = tokenize_pass(frozenset(fallback))
             if progress:
                 print(
                     f"note: none of the {num_pieces} pieces fell into the validation split by hash; "
-                    f"{first_train!r} is held out instead (val_fallback in {DATASET_FILE}).",
+                    f"{fallback[0]!r} is held out instead (val_fallback in {DATASET_FILE}).",
                     file=sys.stderr,
                 )
         meta = {
@@ -466,44 +396,14 @@ def prepare(
             w.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _swap_into_place(tmp, out)
+    if out.exists():  # the old directory is removed only once the new one is in place
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
     return {**summary, "path": str(out), "seconds": round(time.perf_counter() - started, 3)}
-
-
-def _tokenize_into(
-    docs: Iterator[Document],
-    tokenizer: Tokenizer,
-    writers: dict[str, _SplitWriter],
-    val_fraction: float,
-    forced_val: frozenset[str],
-    max_tokens: int | None,
-    progress: bool,
-    spec: str,
-) -> tuple[bool, str | None]:
-    """Stream `docs` into the writers. Returns (stopped early by `max_tokens`, the train piece that comes
-    first in `fallback_key` order, or None when train is empty)."""
-    from tqdm.auto import tqdm
-
-    total = 0
-    first_train: tuple[int, str] | None = None
-    bos = np.array([tokenizer.bos_id], dtype=np.int64)
-    with tqdm(desc=f"prepare {spec}", unit="doc", unit_scale=True, disable=not progress) as bar:
-        for chunk in _chunks(docs):
-            encoded = tokenizer.encode_batch([d.text for d in chunk])
-            for done, (doc, ids) in enumerate(zip(chunk, encoded, strict=True), start=1):
-                tokens = np.concatenate([bos, np.asarray(ids, dtype=np.int64)])
-                split = split_of(doc.id, val_fraction, forced_val)
-                writers[split].add(tokens)
-                if split == "train":
-                    key = fallback_key(doc.id)
-                    first_train = key if first_train is None else min(first_train, key)
-                total += tokens.size
-                if max_tokens is not None and total >= max_tokens:
-                    bar.update(done)
-                    return True, None if first_train is None else first_train[1]
-            bar.update(len(chunk))
-            bar.set_postfix(tokens=f"{total:,}", refresh=False)
-    return False, None if first_train is None else first_train[1]
 
 
 def val_split_note(data_dir: str | Path) -> str | None:
@@ -536,23 +436,3 @@ def val_split_note(data_dir: str | Path) -> str | None:
         f"{where}: none of its {pieces:,} pieces fell into it by hash; prepare the data again (one piece is then "
         f"held out), give more text, a larger val_fraction, or {evaluate}."
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}).") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a JSON object.")
-    return data
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

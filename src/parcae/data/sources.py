@@ -1,30 +1,14 @@
-"""Document sources, named by one spec string everywhere (CLI, configs, `prepare`).
+"""Document sources, named by one spec string everywhere (README, "Data specs"): `stdlib`, a `.txt`, `.jsonl` or
+`.parquet` file or a directory of them (read recursively in sorted order), or `hf:NAME[:CONFIG][@SPLIT]`.
 
-Specs:
-  `stdlib`                      the `.py` files of the running interpreter's standard library (the
-                                embedded default corpus); id = path relative to the stdlib root.
-  a path                        `.txt` (one document per file; id = relative path), `.jsonl` (one per line,
-                                id = `relative/path.jsonl:LINE`, 1-based), `.parquet` (one per row,
-                                id = `relative/path.parquet:ROW`, 0-based), or a directory of such files,
-                                read recursively in sorted order (other files are ignored).
-  `hf:NAME[:CONFIG][@SPLIT]`    a streamed Hugging Face dataset (`SPLIT` defaults to "train");
-                                id = `NAME:INDEX`.
+Document ids: the path relative to the stdlib root or to the spec's directory (`.txt`), `PATH.jsonl:LINE` (1-based),
+`PATH.parquet:ROW` (0-based), `NAME:INDEX` (`hf:`). A document longer than LONG_DOC_CHARS comes as `cut_text` pieces
+`ID#0`, `ID#1`, …, so that a corpus of one long file (a book, a log) still has a held-out part, and a 1 MB document
+is not one unit of shuffling that fills hundreds of consecutive rows.
 
-Long documents: a document longer than LONG_DOC_CHARS characters is cut into pieces of about
-PIECE_CHARS characters (`cut_text`: at the last newline in the second half of each window, else at the
-window's end; the pieces concatenate back to the text exactly), with ids `ID#0`, `ID#1`, … Everything
-downstream sees the pieces as documents (each stored as BOS + tokens). Two reasons: the split below
-works per document, so a corpus of one long file (a book, a log) would otherwise have no held-out part
-at all; and the packer shuffles documents, so a 1 MB document would otherwise be one unit of shuffling
-that fills hundreds of consecutive rows. Documents up to LONG_DOC_CHARS keep their own id.
-
-Train/val: every piece goes to "val" iff a stable hash (BLAKE2b) of its id, mod 10 000, is below
-`val_fraction · 10 000`. The assignment depends only on the id, so it survives re-ordering, re-reading
-and growing the corpus, and never needs a second pass over a stream. A corpus of a few pieces can end up
-with none in "val"; `shards.prepare` then holds out the piece that comes first in `fallback_key` order
-and records it as "val_fallback" in dataset.json. `iter_documents` cannot know that without reading the
-whole source first, so it applies only the ids it is given as `forced_val`: for training and evaluation
-the prepared directory is the source of truth for the split.
+Train/val goes by a stable hash of the piece id (`split_of`): it survives re-ordering, re-reading and growing the
+corpus, and needs no second pass over a stream. The piece `shards.prepare` holds out when hashing leaves "val" empty
+is applied only through `forced_val`: for training and evaluation the prepared directory is the source of truth.
 """
 
 from __future__ import annotations
@@ -44,6 +28,7 @@ FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _HASH_BUCKETS = 10_000
 LONG_DOC_CHARS = 65_536  # longer documents are cut into pieces (module docstring)
 PIECE_CHARS = 8_192
+_STDLIB_ROOT = Path(sysconfig.get_paths()["stdlib"])
 _SKIPPED_STDLIB_DIRS = ("site-packages", "dist-packages")
 
 
@@ -65,10 +50,7 @@ class SourceSpec:
 
 
 def parse_spec(spec: str) -> SourceSpec:
-    """Parse a spec string (see the module docstring); the path itself is checked later.
-
-    "stdlib" always means the embedded corpus: write "./stdlib" for a directory of that name.
-    """
+    """Parse a spec string; a path is checked later. "stdlib" is always the embedded corpus ("./stdlib" is not)."""
     spec = spec.strip()
     if not spec:
         raise ValueError("The data spec is empty; use 'stdlib', a file or directory path, or 'hf:NAME'.")
@@ -89,26 +71,22 @@ def _id_hash(doc_id: str) -> int:
 
 
 def split_of(doc_id: str, val_fraction: float, forced_val: Collection[str] = frozenset()) -> str:
-    """ "val" or "train" for a piece id, by a stable hash (see the module docstring); ids in `forced_val`
-    (prepare's fallback) are "val" whatever their hash."""
+    """ "val" when a stable hash (BLAKE2b) of the piece id, mod 10 000, is below `val_fraction` · 10 000, or when the
+    id is in `forced_val` (prepare's fallback); else "train"."""
     if doc_id in forced_val:
         return "val"
     return "val" if _id_hash(doc_id) % _HASH_BUCKETS < val_fraction * _HASH_BUCKETS else "train"
 
 
 def fallback_key(doc_id: str) -> tuple[int, str]:
-    """Order in which train pieces are held out when hashing leaves "val" empty: smallest hash, then id.
-
-    It depends only on the id, so the same piece is chosen on every run, machine and file order."""
+    """Order in which train pieces are held out when hashing leaves "val" empty: smallest hash, then id (only the id
+    counts, so the same piece is chosen on every run, machine and file order)."""
     return _id_hash(doc_id), doc_id
 
 
 def cut_text(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """`text` in consecutive pieces of at most `piece_chars` characters that concatenate back to it.
-
-    Each piece ends after the last newline in the second half of its window when there is one (so
-    pieces end at line ends in prose and code), else at the window's end.
-    """
+    """`text` in consecutive pieces of at most `piece_chars` characters that concatenate back to it, each ending
+    after the last newline in the second half of its window when there is one, else at the window's end."""
     if piece_chars < 1:
         raise ValueError(f"piece_chars must be positive; got {piece_chars}.")
     start = 0
@@ -121,74 +99,40 @@ def cut_text(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
     yield text[start:]
 
 
-def split_long(doc: Document) -> Iterator[Document]:
-    """`doc` itself, or its pieces `ID#k` when it is longer than LONG_DOC_CHARS (module docstring)."""
-    if len(doc.text) <= LONG_DOC_CHARS:
-        yield doc
-        return
-    for k, piece in enumerate(cut_text(doc.text)):
-        yield Document(f"{doc.id}#{k}", piece)
-
-
-# ---------------------------------------------------------------------------------------------- stdlib
-def _stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
 @lru_cache(maxsize=1)
 def _stdlib_files() -> tuple[str, ...]:
     """Relative posix paths of the stdlib's `.py` files, sorted (os.walk does not follow symlinks)."""
-    root = _stdlib_root()
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(_STDLIB_ROOT):
         dirnames[:] = [d for d in dirnames if d not in _SKIPPED_STDLIB_DIRS]
-        rel = Path(dirpath).relative_to(root)
+        rel = Path(dirpath).relative_to(_STDLIB_ROOT)
         found.extend((rel / f).as_posix() for f in filenames if f.endswith(".py"))
     return tuple(sorted(found))
 
 
-def _read_utf8(path: Path) -> str | None:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
 def _iter_stdlib() -> Iterator[Document]:
-    root = _stdlib_root()
     for rel in _stdlib_files():
-        text = _read_utf8(root / rel)
-        if text is not None:  # a handful of test fixtures are deliberately not UTF-8
-            yield Document(rel, text)
+        try:
+            yield Document(rel, (_STDLIB_ROOT / rel).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:  # a handful of test fixtures are deliberately not UTF-8
+            continue
 
 
 @lru_cache(maxsize=1)
 def stdlib_summary() -> dict[str, Any]:
     """The embedded corpus at a glance: path, UTF-8 files used, their bytes, and non-UTF-8 files skipped."""
-    root = _stdlib_root()
-    files = nbytes = skipped = 0
-    for rel in _stdlib_files():
-        data = (root / rel).read_bytes()
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            skipped += 1
-            continue
-        files += 1
-        nbytes += len(data)
-    return {"path": str(root), "files": files, "bytes": nbytes, "skipped_non_utf8": skipped}
+    sizes = [len(doc.text.encode("utf-8")) for doc in _iter_stdlib()]  # strictly decoded: the same bytes
+    skipped = len(_stdlib_files()) - len(sizes)
+    return {"path": str(_STDLIB_ROOT), "files": len(sizes), "bytes": sum(sizes), "skipped_non_utf8": skipped}
 
 
-# ---------------------------------------------------------------------------------------------- files
 def _local_files(path: Path) -> tuple[Path, list[Path]]:
     """(root for relative ids, files to read) for a file or directory spec."""
     if not path.exists():
         raise ValueError(f"Data path {path} does not exist.")
     if path.is_dir():
-        files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES),
-            key=lambda p: p.relative_to(path).as_posix(),
-        )
+        found = [p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES]
+        files = sorted(found, key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise ValueError(f"Directory {path} holds no {', '.join(FILE_SUFFIXES)} files.")
         return path, files
@@ -201,14 +145,6 @@ def _text_value(value: Any, text_field: str, where: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise ValueError(f"{where}: field {text_field!r} is {type(value).__name__}, not a string.")
-
-
-def _iter_txt(path: Path, rel: str) -> Iterator[Document]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start}).") from None
-    yield Document(rel, text)
 
 
 def _iter_jsonl(path: Path, rel: str, text_field: str) -> Iterator[Document]:
@@ -249,39 +185,35 @@ def _iter_parquet(path: Path, rel: str, text_field: str) -> Iterator[Document]:
     if text_field not in pf.schema_arrow.names:
         raise ValueError(f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}).")
     row = 0
-    batches = pf.iter_batches(columns=[text_field])  # streams row groups, never the whole file
-    while True:
-        try:
-            batch = next(batches, None)
-            values = [] if batch is None else batch.column(0).to_pylist()
-        except (ArrowException, OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is corrupt after row {row} ({_one_line(exc)}).") from None
-        if batch is None:
-            return
-        for value in values:
-            text = _text_value(value, text_field, f"{path} row {row}")
-            if text is not None:
-                yield Document(f"{rel}:{row}", text)
-            row += 1
+    try:
+        for batch in pf.iter_batches(columns=[text_field]):  # streams row groups, never the whole file
+            for value in batch.column(0).to_pylist():
+                text = _text_value(value, text_field, f"{path} row {row}")
+                if text is not None:
+                    yield Document(f"{rel}:{row}", text)
+                row += 1
+    except (ArrowException, OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is corrupt after row {row} ({_one_line(exc)}).") from None
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _iter_path(path: Path, text_field: str) -> Iterator[Document]:
-    root, files = _local_files(path)
+def _iter_path(root: Path, files: list[Path], text_field: str) -> Iterator[Document]:
     for file in files:
         rel = file.relative_to(root).as_posix()
         if file.suffix == ".txt":
-            yield from _iter_txt(file, rel)
+            try:
+                yield Document(rel, file.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{file} is not valid UTF-8 ({exc.reason} at byte {exc.start}).") from None
         elif file.suffix == ".jsonl":
             yield from _iter_jsonl(file, rel, text_field)
         else:
             yield from _iter_parquet(file, rel, text_field)
 
 
-# ---------------------------------------------------------------------------------------------- HF
 def _iter_hf(spec: SourceSpec, text_field: str, load_kwargs: Mapping[str, Any]) -> Iterator[Document]:
     try:
         import datasets
@@ -296,7 +228,6 @@ def _iter_hf(spec: SourceSpec, text_field: str, load_kwargs: Mapping[str, Any]) 
             yield Document(f"{spec.name}:{index}", text)
 
 
-# ---------------------------------------------------------------------------------------------- entry
 def iter_documents(
     spec: str,
     split: str = "train",
@@ -306,13 +237,11 @@ def iter_documents(
     forced_val: Collection[str] = frozenset(),
     load_kwargs: Mapping[str, Any] | None = None,
 ) -> Iterator[Document]:
-    """Documents of `spec` in `split` ("train", "val" or "all"), in the source's deterministic order.
+    """Documents (long ones as pieces) of `spec` in `split` ("train", "val" or "all"), in the source's order.
 
-    Documents longer than LONG_DOC_CHARS come as their pieces; the split is by hash of the piece id,
-    plus the ids in `forced_val` (a prepared directory's "val_fallback", to reproduce its split).
-    Spec and path errors raise `ValueError` here, at the call; a source whose requested split turns out
-    empty raises `ValueError` when the iteration ends. `load_kwargs` go to `datasets.load_dataset` for
-    `hf:` specs (e.g. `data_files` for `hf:json`).
+    The split is by hash of the piece id, plus the ids in `forced_val` (a prepared directory's "val_fallback").
+    Spec and path errors raise `ValueError` at the call; a requested split that turns out empty raises it when
+    the iteration ends. `load_kwargs` go to `datasets.load_dataset` for `hf:` specs (e.g. `data_files`).
     """
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
@@ -323,21 +252,20 @@ def iter_documents(
         docs = _iter_stdlib()
     elif parsed.kind == "path":
         assert parsed.path is not None
-        _local_files(parsed.path)  # fail now, not at the first next()
-        docs = _iter_path(parsed.path, text_field)
+        docs = _iter_path(*_local_files(parsed.path), text_field)  # path errors raise now, not at the first next()
     else:
         docs = _iter_hf(parsed, text_field, load_kwargs or {})
-    return _filtered(docs, spec, split, val_fraction, frozenset(forced_val))
+    forced = frozenset(forced_val)
 
+    def pieces() -> Iterator[Document]:  # a generator of its own, so that the checks above raise at the call
+        count = 0
+        for doc in docs:
+            long = len(doc.text) > LONG_DOC_CHARS  # then its pieces `ID#k` are the documents
+            for piece in (Document(f"{doc.id}#{k}", p) for k, p in enumerate(cut_text(doc.text))) if long else (doc,):
+                if split == "all" or split_of(piece.id, val_fraction, forced) == split:
+                    count += 1
+                    yield piece
+        if count == 0:
+            raise ValueError(f"Data source {spec!r} has no documents in split {split!r}.")
 
-def _filtered(
-    docs: Iterator[Document], spec: str, split: str, val_fraction: float, forced_val: frozenset[str]
-) -> Iterator[Document]:
-    count = 0
-    for doc in docs:
-        for piece in split_long(doc):
-            if split == "all" or split_of(piece.id, val_fraction, forced_val) == split:
-                count += 1
-                yield piece
-    if count == 0:
-        raise ValueError(f"Data source {spec!r} has no documents in split {split!r}.")
+    return pieces()

@@ -1,12 +1,10 @@
 """Tokenizers behind one small interface: a dependency-free byte tokenizer and a trained byte-level BPE.
 
-Both share the three specials `<|bos|>`, `<|eos|>`, `<|pad|>`. `encode` never emits a special (not even
-when the text literally contains "<|bos|>"): the data pipeline adds BOS itself, so a corpus about
-tokenizers cannot inject document boundaries. `token_bytes` gives the UTF-8 byte length of every id,
-which is what turns a loss in nats/token into bits per byte.
-
-A saved tokenizer is always a directory holding `tokenizer.json`: the Hugging Face file for BPE (it has
-a "model" key) or a tiny `{"kind": "byte", ...}` record for the byte tokenizer.
+Both share the specials `<|bos|>`, `<|eos|>`, `<|pad|>`. `encode` never emits a special, not even for a literal
+"<|bos|>" in the text: the data pipeline adds BOS itself, so a corpus about tokenizers cannot inject document
+boundaries. `token_bytes` (the UTF-8 bytes of every id) turns a loss in nats/token into bits per byte. A saved
+tokenizer is a directory holding `tokenizer.json`: the Hugging Face file for BPE (it has a "model" key) or a tiny
+`{"kind": "byte", ...}` record.
 """
 
 from __future__ import annotations
@@ -53,45 +51,22 @@ def _surrogatepass_or_replace(exc: UnicodeError) -> tuple[str, int]:
 codecs.register_error(_DECODE_ERRORS, _surrogatepass_or_replace)
 
 
-def _without_surrogates(text: str) -> str:
-    return _SURROGATE.sub("\ufffd", text)
-
-
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What the rest of Parcae needs from a tokenizer."""
+    """What the rest of Parcae needs from a tokenizer. `decode` drops specials and turns invalid UTF-8 into U+FFFD;
+    `token_bytes` is int64 [vocab_size] (0 for specials); `save` writes `directory/tokenizer.json`, returns its path."""
 
     kind: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
 
-    @property
-    def vocab_size(self) -> int: ...
-
-    @property
-    def bos_id(self) -> int: ...
-
-    @property
-    def eos_id(self) -> int: ...
-
-    @property
-    def pad_id(self) -> int: ...
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without any special token."""
-        ...
-
+    def encode(self, text: str) -> list[int]: ...
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; specials are dropped and invalid UTF-8 becomes U+FFFD."""
-        ...
-
-    def token_bytes(self) -> np.ndarray:
-        """int64 [vocab_size]: UTF-8 bytes each id decodes to (0 for specials)."""
-        ...
-
-    def save(self, directory: str | Path) -> Path:
-        """Write `directory/tokenizer.json` and return its path."""
-        ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def token_bytes(self) -> np.ndarray: ...
+    def save(self, directory: str | Path) -> Path: ...
 
 
 def _id_array(ids: Iterable[int], vocab_size: int) -> np.ndarray:
@@ -102,29 +77,14 @@ def _id_array(ids: Iterable[int], vocab_size: int) -> np.ndarray:
 
 
 class ByteTokenizer:
-    """Ids 0..255 are raw UTF-8 bytes; 256, 257, 258 are `<|bos|>`, `<|eos|>`, `<|pad|>`.
-
-    Lone surrogates are encoded as with Python's "surrogatepass" handler and decoded back, so
-    `decode(encode(s)) == s` for every `str`.
-    """
+    """Ids 0..255 are raw UTF-8 bytes; 256, 257, 258 are `<|bos|>`, `<|eos|>`, `<|pad|>`. Lone surrogates are
+    encoded as with Python's "surrogatepass" handler and decoded back, so `decode(encode(s)) == s` for every str."""
 
     kind = "byte"
-
-    @property
-    def vocab_size(self) -> int:
-        return 259
-
-    @property
-    def bos_id(self) -> int:
-        return 256
-
-    @property
-    def eos_id(self) -> int:
-        return 257
-
-    @property
-    def pad_id(self) -> int:
-        return 258
+    vocab_size = 259
+    bos_id = 256
+    eos_id = 257
+    pad_id = 258
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", errors="surrogatepass"))
@@ -137,16 +97,11 @@ class ByteTokenizer:
         return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors=_DECODE_ERRORS)
 
     def token_bytes(self) -> np.ndarray:
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        out[:256] = 1
-        return out
+        return (np.arange(self.vocab_size) < 256).astype(np.int64)
 
     def save(self, directory: str | Path) -> Path:
-        record = {
-            "kind": self.kind,
-            "vocab_size": self.vocab_size,
-            "specials": {BOS: self.bos_id, EOS: self.eos_id, PAD: self.pad_id},
-        }
+        specials = {BOS: self.bos_id, EOS: self.eos_id, PAD: self.pad_id}
+        record = {"kind": self.kind, "vocab_size": self.vocab_size, "specials": specials}
         path = Path(directory) / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -157,11 +112,9 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE Hugging Face `tokenizers.Tokenizer` that carries the three Parcae specials.
-
-    Round trips are exact for valid Unicode; a lone surrogate (only a Python str can hold one, e.g.
-    from a JSON "\\ud800" escape) is encoded as U+FFFD rather than failing the whole batch.
-    """
+    """A byte-level BPE Hugging Face `tokenizers.Tokenizer` (`.hf`) that carries the three Parcae specials. Round
+    trips are exact for valid Unicode; a lone surrogate (only a Python str can hold one, e.g. from a JSON "\\ud800"
+    escape) is encoded as U+FFFD rather than failing the whole batch."""
 
     kind = "bpe"
 
@@ -170,122 +123,48 @@ class BPETokenizer:
         missing = [name for name, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"Tokenizer lacks the special token(s) {', '.join(missing)}.")
-        if not _is_byte_level(hf_tokenizer):
+        # `token_bytes` needs every ordinary token spelled in the 256 ByteLevel symbols.
+        from tokenizers import pre_tokenizers
+
+        added = {t.content for t in hf_tokenizer.get_added_tokens_decoder().values()}
+        symbols = set().union(*(t for t in hf_tokenizer.get_vocab(with_added_tokens=False) if t not in added))
+        if not symbols <= set(pre_tokenizers.ByteLevel.alphabet()):
             raise ValueError("Tokenizer is not a byte-level BPE (its tokens are not spelled in byte symbols).")
         # Literal "<|bos|>" in a text is ordinary text, never the special (see module docstring).
         hf_tokenizer.encode_special_tokens = True
-        self._tok = hf_tokenizer
-        self._bos, self._eos, self._pad = ids[BOS], ids[EOS], ids[PAD]
-        self._vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def hf(self) -> Any:
-        """The wrapped `tokenizers.Tokenizer`."""
-        return self._tok
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def bos_id(self) -> int:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
+        self.hf = hf_tokenizer
+        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
+        self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        try:
-            return self._tok.encode(text, add_special_tokens=False).ids
-        except TypeError:  # a lone surrogate: Rust strings cannot hold one
-            return self._tok.encode(_without_surrogates(text), add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # fast: skips offsets
+        encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # fast: skips offsets
         try:
             encodings = encode(list(texts), add_special_tokens=False)
-        except TypeError:
-            encodings = encode([_without_surrogates(t) for t in texts], add_special_tokens=False)
+        except TypeError:  # a lone surrogate: Rust strings cannot hold one
+            encodings = encode([_SURROGATE.sub("\ufffd", t) for t in texts], add_special_tokens=False)
         return [enc.ids for enc in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode(_id_array(ids, self.vocab_size).tolist(), skip_special_tokens=True)
+        return self.hf.decode(_id_array(ids, self.vocab_size).tolist(), skip_special_tokens=True)
 
     def token_bytes(self) -> np.ndarray:
         # A byte-level token is spelled with one alphabet symbol per byte, so its length is its byte count.
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        special = {t.content for t in self._tok.get_added_tokens_decoder().values()}
-        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
-            out[i] = 0 if token in special else len(token)
+        out = np.zeros(self.vocab_size, dtype=np.int64)  # 0 for the added tokens (the specials)
+        for token, i in self.hf.get_vocab(with_added_tokens=False).items():
+            out[i] = len(token)
         return out
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(path))
+        self.hf.save(str(path))
         return path
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
-
-
-def _is_byte_level(hf_tokenizer: Any) -> bool:
-    """True when every ordinary token is spelled in the 256 ByteLevel symbols (what `token_bytes` assumes)."""
-    from tokenizers import pre_tokenizers
-
-    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-    added = {t.content for t in hf_tokenizer.get_added_tokens_decoder().values()}
-    symbols = set().union(*(tok for tok in hf_tokenizer.get_vocab(with_added_tokens=False) if tok not in added))
-    return symbols <= alphabet
-
-
-def _new_bpe() -> Any:
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    tok = HFTokenizer(models.BPE(byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-class _TrainingText:
-    """The texts fed to the BPE trainer: every character, long texts in pieces, up to `max_chars` in all.
-
-    Long texts are streamed as `sources.cut_text` pieces instead of one huge string, so the trainer's
-    batches stay small (pieces end at line ends where there are any, so few words are split). Counts
-    what was read and whether `max_chars` left text unread.
-    """
-
-    def __init__(self, texts: Iterable[str], max_chars: int | None) -> None:
-        self.texts, self.max_chars = texts, max_chars
-        self.chars = 0
-        self.capped = False
-
-    def __iter__(self) -> Iterator[str]:
-        for text in self.texts:
-            pieces = cut_text(text) if len(text) > LONG_DOC_CHARS else (text,)
-            for piece in pieces:
-                if not piece:
-                    continue
-                if self.max_chars is not None and self.chars + len(piece) > self.max_chars:
-                    piece = piece[: self.max_chars - self.chars]
-                    self.capped = True  # there is text beyond the cap: say so (train_bpe warns)
-                self.chars += len(piece)
-                if piece:
-                    yield piece
-                if self.capped:
-                    return
 
 
 def _warn(message: str) -> None:
@@ -293,21 +172,37 @@ def _warn(message: str) -> None:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, max_chars: int | None = None) -> BPETokenizer:
-    """Train a byte-level BPE with `vocab_size` ids (the last three are the specials) on every character
-    of `texts` (long texts are fed in pieces, none is cut short).
-
-    `max_chars` caps the characters read in all (the first `max_chars`, in order); when it leaves text
-    unread a warning on stderr says so. All 256 byte symbols are in the initial alphabet, so any text
-    round-trips. If the text supports fewer merges (a merge needs a pair seen at least twice), the
-    vocabulary comes out smaller than asked, with a warning that gives both sizes.
-    """
-    from tokenizers import pre_tokenizers, trainers
+    """Train a byte-level BPE with `vocab_size` ids (the last three are the specials) on every character of `texts`,
+    or on the first `max_chars` (with a warning when that leaves text unread). All 256 byte symbols are in the
+    alphabet, so any text round-trips. A text that supports fewer merges (a merge needs a pair seen twice) gives a
+    smaller vocabulary, with a warning that gives both sizes."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
 
     if vocab_size < 256 + len(SPECIALS):
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIALS)} (bytes + specials); got {vocab_size}.")
     if max_chars is not None and max_chars < 0:
         raise ValueError(f"max_chars must be non-negative; got {max_chars}.")
-    tok = _new_bpe()
+    chars, capped = 0, False
+
+    def feed() -> Iterator[str]:
+        # Long texts go in `cut_text` pieces (ending at line ends where they can): the trainer's batches stay small.
+        nonlocal chars, capped
+        for text in texts:
+            for piece in cut_text(text) if len(text) > LONG_DOC_CHARS else (text,):
+                if max_chars is not None and chars + len(piece) > max_chars:
+                    piece, capped = piece[: max_chars - chars], True  # there is text beyond the cap
+                chars += len(piece)
+                if piece:
+                    yield piece
+                if capped:
+                    return
+
+    tok = HFTokenizer(models.BPE(byte_fallback=False))
+    split = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(SPECIALS),
         min_frequency=2,
@@ -315,16 +210,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, max_chars: int | None = 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    feed = _TrainingText(texts, max_chars)
-    tok.train_from_iterator(feed, trainer=trainer)
+    tok.train_from_iterator(feed(), trainer=trainer)
     tok.add_special_tokens(list(SPECIALS))  # appended after the learned vocabulary, as in ByteTokenizer
     bpe = BPETokenizer(tok)
-    if feed.capped:
-        _warn(f"max_chars: the tokenizer was trained on the first {feed.chars:,} characters; the rest was not read.")
+    if capped:
+        _warn(f"max_chars: the tokenizer was trained on the first {chars:,} characters; the rest was not read.")
     if bpe.vocab_size < vocab_size:
         _warn(
             f"the text supports a vocabulary of {bpe.vocab_size:,} tokens, not the {vocab_size:,} asked for "
-            f"({feed.chars:,} characters read); give more (or more varied) text for a larger one."
+            f"({chars:,} characters read); give more (or more varied) text for a larger one."
         )
     return bpe
 
@@ -362,6 +256,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def get_tokenizer(name_or_path: str | Path) -> Tokenizer:
     """`"byte"` → `ByteTokenizer`; anything else is a path for `load_tokenizer`."""
-    if str(name_or_path) == "byte":
-        return ByteTokenizer()
-    return load_tokenizer(name_or_path)
+    return ByteTokenizer() if str(name_or_path) == "byte" else load_tokenizer(name_or_path)

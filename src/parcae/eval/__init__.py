@@ -1,2 +1,2 @@
-"""Evaluation per test-time depth: loss and bits per byte (`loss`), a CORE-style harness (`core`), an
-lm-evaluation-harness model (`lm_eval`, optional dependency), all scoring through `scoring`."""
+"""Evaluation per test-time depth: loss and bits per byte (`loss`), a CORE-style harness (`core`, task files from
+`bundle`), both scoring through `scoring`, and the loop's Jacobian spectrum (`stability`)."""

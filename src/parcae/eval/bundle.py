@@ -1,44 +1,19 @@
-"""`parcae core`: the CORE task files from the public DCLM eval bundle, downloaded once, verified and cached.
+"""`parcae core download`: the CORE task files of the public DCLM eval bundle, downloaded once, verified, cached.
 
-`parcae core download` fetches `eval_bundle.zip` (BUNDLE_URL: the bundle of llm-foundry eval data that nanochat
-and DCLM-style CORE evaluations use), or installs a local copy (`--from FILE.zip`, for offline machines), and
-writes the task files our CORE loader (`parcae.eval.core`) reads into a cache folder; `parcae eval RUN --core`
-(no value) evaluates on that folder.
-
-What is verified, and when:
-- The zip's sha256, against BUNDLE_SHA256 or `--sha256 HEX`, before anything is extracted. We had no network
-  to hash the bundle ourselves: BUNDLE_SHA256 is the value that several independent public projects record for
-  BUNDLE_URL. A mismatch stops the install (a damaged download, or a bundle changed upstream) and prints the
-  file's hash, which `--sha256` accepts for a copy you trust.
-- Each task file is present at its bundle path, its CRC-32 is checked as it is read from the zip, and every
-  line parses in the format the loader expects for it (`core.read_examples`: multiple choice, schema or
-  language modeling; a malformed line stops the install with file:line).
-- The sha256, size and example count of every installed file go to DIR/manifest.json, written last. Every
-  later use (`parcae eval --core`, `parcae core path`, `parcae core download` without --force) checks the
-  files against it, so a changed or truncated file is an error, never a silent change of the scores; a
-  verified folder is never downloaded again.
-Not verified: that the bundle's tasks are byte-identical to any other copy (e.g. a shared offline subset).
-
-Layout of DIR (`--dir`, default $PARCAE_CACHE/core, else $XDG_CACHE_HOME/parcae/core, else ~/.cache/parcae/core):
-  DIR/*.jsonl         the 18 tasks of `core.CORE_TASKS` (CORE-18), flat, named as `core.find_tasks` expects
-  DIR/extra/*.jsonl   hellaswag, squad, coqa: the CORE tasks outside CORE-18 (HellaSwag 0- and 10-shot share
-                      one file). The loader reads their formats, but `CORE_TASKS` has no few-shot counts or
-                      baselines for them, so they stay out of DIR (which keeps `--core` at CORE-18);
-                      `--core DIR/extra` runs them 0-shot with chance baselines.
-  DIR/manifest.json   source, bundle sha256, per-file sha256 / bytes / examples / format
-The install is atomic: the zip is a temporary file next to DIR, the task files are extracted into a temporary
-folder there and verified, and that folder is renamed to DIR; a failure leaves DIR as it was.
+We had no network to hash the zip ourselves: BUNDLE_SHA256 is the value several independent public projects record
+for it. DIR/manifest.json records every installed file's sha256 and every later use checks it, so a changed file is
+an error, never a silent change of the scores. The bundle's CORE tasks that `CORE_TASKS` has no few-shot counts or
+baselines for go to DIR/extra (`--core DIR/extra` runs them 0-shot).
 """
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
 import re
+import shutil
 import tempfile
-import urllib.error
 import urllib.request
 import zipfile
 import zlib
@@ -56,6 +31,7 @@ EXTRA_DIR = "extra"
 CACHED = "cached"  # `parcae eval --core` with no value (or this word): the verified cache
 _DATA_PREFIX = "eval_bundle/eval_data"
 _CHUNK = 1 << 20
+_OFFLINE = "`parcae core download --from eval_bundle.zip`"
 # Where each task file lies in the bundle: eval_bundle/eval_data/<category>/<stem>.jsonl (the bundle's core.yaml).
 BUNDLE_CATEGORIES: dict[str, str] = {
     "world_knowledge": "jeopardy_all bigbench_qa_wikidata arc_easy arc_challenge",
@@ -66,11 +42,13 @@ BUNDLE_CATEGORIES: dict[str, str] = {
     "reading_comprehension": "squad coqa boolq",
 }
 # The formats (core's kind names) of the bundle's CORE tasks that `core.CORE_TASKS` does not list.
-EXTRA_KINDS = {"hellaswag.jsonl": "multiple_choice", "squad.jsonl": "language_modeling",
-               "coqa.jsonl": "language_modeling"}  # fmt: skip
+EXTRA_KINDS = {
+    "hellaswag.jsonl": "multiple_choice",
+    "squad.jsonl": "language_modeling",
+    "coqa.jsonl": "language_modeling",
+}
 
 
-# ---------------------------------------------------------------------------------------------- locations
 def default_dir() -> Path:
     """The cache folder: $PARCAE_CACHE/core, else $XDG_CACHE_HOME/parcae/core, else ~/.cache/parcae/core."""
     if os.environ.get("PARCAE_CACHE"):
@@ -90,51 +68,38 @@ def layout() -> Iterator[tuple[str, str, str]]:
             yield relative, f"{_DATA_PREFIX}/{category}/{file}", kinds.get(file) or EXTRA_KINDS[file]
 
 
-def _redo(directory: Path) -> str:
-    """The command that reinstalls `directory`."""
-    where = "" if directory == default_dir() else f" --dir {directory}"
-    return f"`parcae core download --force{where}`"
-
-
-# ---------------------------------------------------------------------------------------------- verification
 def verify(directory: str | Path) -> dict[str, Any]:
     """The manifest of an installed folder, after checking every file it lists (size and sha256)."""
     directory = Path(directory)
-    path = directory / MANIFEST
+    where = "" if directory == default_dir() else f" --dir {directory}"
+    path, redo = directory / MANIFEST, f"`parcae core download --force{where}`"  # the command that reinstalls
     if not path.is_file():
-        raise FileNotFoundError(f"no CORE task files in {directory}: run `parcae core download` (offline: "
-                                f"`parcae core download --from eval_bundle.zip`) or pass --core DIR.")  # fmt: skip
+        hint = f"run `parcae core download` (offline: {_OFFLINE}) or pass --core DIR"
+        raise FileNotFoundError(f"no CORE task files in {directory}: {hint}.")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         files = {name: (int(info["bytes"]), str(info["sha256"])) for name, info in manifest["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path} is not a CORE manifest ({err}); run {_redo(directory)}.") from None
+        raise ValueError(f"{path} is not a CORE manifest ({err}); run {redo}.") from None
     if set(files) != {relative for relative, _, _ in layout()}:
-        raise ValueError(f"{directory} holds another set of task files than this version installs; "
-                         f"run {_redo(directory)}.")  # fmt: skip
+        raise ValueError(f"{directory} holds another set of task files than this version installs; run {redo}.")
     for name, (size, sha256) in files.items():
         file = directory / name
         if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing from the installed CORE tasks; run {_redo(directory)}.")
+            raise FileNotFoundError(f"{file} is missing from the installed CORE tasks; run {redo}.")
         if file.stat().st_size != size or sha256_file(file) != sha256:
-            raise ValueError(f"{file} changed after it was installed (sha256 mismatch); run {_redo(directory)}.")
+            raise ValueError(f"{file} changed after it was installed (sha256 mismatch); run {redo}.")
     return manifest
 
 
 def resolve_core_dir(value: str) -> Path:
-    """The task folder of `parcae eval --core [DIR]`: the verified cache for no value (or 'cached'), else DIR,
-    verified too when `parcae core download --dir DIR` installed it (it holds a manifest.json)."""
-    if value == CACHED:
-        directory = default_dir()
-        verify(directory)
-        return directory
-    directory = Path(value)
-    if (directory / MANIFEST).is_file():
+    """The task folder of `--core [DIR]`: the verified cache for 'cached', else DIR (verified if it has a manifest)."""
+    directory = default_dir() if value == CACHED else Path(value)
+    if value == CACHED or (directory / MANIFEST).is_file():
         verify(directory)
     return directory
 
 
-# ---------------------------------------------------------------------------------------------- installing
 def _download(url: str, target: Path, *, timeout: float, progress: bool) -> None:
     """Stream `url` into the new file `target` (tqdm progress); any network failure is one OSError line."""
     from tqdm.auto import tqdm
@@ -142,15 +107,13 @@ def _download(url: str, target: Path, *, timeout: float, progress: bool) -> None
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, target.open("wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=Path(url).name or "download",
-                      disable=not progress) as bar:  # fmt: skip
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+            name = Path(url).name or "download"
+            with tqdm.wrapattr(out, "write", total=total, desc=name, disable=not progress) as sink:
+                shutil.copyfileobj(response, sink, _CHUNK)
     except (OSError, http.client.HTTPException) as err:  # URLError, HTTPError and timeouts are OSErrors
         reason = str(getattr(err, "reason", None) or err) or type(err).__name__
-        raise OSError(f"cannot download {url}: {reason}. Offline? Copy eval_bundle.zip from a machine that has it "
-                      f"and run `parcae core download --from eval_bundle.zip`.") from None  # fmt: skip
+        hint = f"Offline? Copy eval_bundle.zip from a machine that has it and run {_OFFLINE}."
+        raise OSError(f"cannot download {url}: {reason}. {hint}") from None
 
 
 def _extract(zip_path: Path, staging: Path) -> dict[str, dict[str, Any]]:
@@ -169,12 +132,9 @@ def _extract(zip_path: Path, staging: Path) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{zip_path} has no {member}: not the CORE eval bundle, or an incomplete copy.")
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            try:
+            try:  # reading the member to its end checks its CRC-32
                 with archive.open(member) as source, target.open("wb") as out:
-                    while chunk := source.read(_CHUNK):
-                        out.write(chunk)
-                        digest.update(chunk)
+                    shutil.copyfileobj(source, out, _CHUNK)
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
                 raise ValueError(f"{zip_path}: {member} is corrupt ({err}); download the bundle again.") from None
             try:
@@ -183,16 +143,9 @@ def _extract(zip_path: Path, staging: Path) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{zip_path}: {str(err).replace(str(target), member)}") from None
             if found != kind:
                 raise ValueError(f"{zip_path}: {member} holds {found} examples, expected {kind}.")
-            files[relative] = {"sha256": digest.hexdigest(), "bytes": target.stat().st_size,
-                               "examples": len(examples), "format": kind}  # fmt: skip
+            size = target.stat().st_size
+            files[relative] = dict(sha256=sha256_file(target), bytes=size, examples=len(examples), format=kind)
     return files
-
-
-def _check_hex(sha256: str) -> str:
-    sha256 = sha256.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise ValueError(f"--sha256 must be 64 hexadecimal digits, got {sha256!r}.")
-    return sha256
 
 
 def download(
@@ -206,11 +159,12 @@ def download(
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> Path:
-    """Install the bundle's task files into `directory` (default `default_dir()`) and return it: from
-    `source_zip` when given, else downloaded from `url`. A folder that verifies is kept as it is (no network)
-    unless `force`. `sha256` replaces the pinned BUNDLE_SHA256."""
+    """Install the task files of `source_zip`, else of a download from `url`, into `directory` (default
+    `default_dir()`), atomically; a folder that verifies is kept unless `force`. `sha256` replaces BUNDLE_SHA256."""
     directory = Path(directory) if directory is not None else default_dir()
-    expected = _check_hex(sha256 or BUNDLE_SHA256)
+    expected = (sha256 or BUNDLE_SHA256).strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise ValueError(f"--sha256 must be 64 hexadecimal digits, got {expected!r}.")
     ours = (directory / MANIFEST).is_file()
     if ours and not force:
         try:
@@ -236,18 +190,18 @@ def download(
             _download(url, zip_path, timeout=timeout, progress=progress)
         actual = sha256_file(zip_path)
         if actual != expected:
-            raise ValueError(f"{source} has sha256 {actual}, expected {expected}: a damaged download or a changed "
-                             f"bundle; to accept this file, pass --sha256 {actual}.")  # fmt: skip
+            hint = f"a damaged download or a changed bundle; to accept this file, pass --sha256 {actual}"
+            raise ValueError(f"{source} has sha256 {actual}, expected {expected}: {hint}.")
         staging = scratch / "core"
         staging.mkdir()
         files = _extract(zip_path, staging)
-        manifest = {"source": source, "bundle_sha256": actual, "pinned": actual == BUNDLE_SHA256,
-                    "installed": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}  # fmt: skip
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest = dict(source=source, bundle_sha256=actual, pinned=actual == BUNDLE_SHA256, installed=now, files=files)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if directory.exists():
             directory.rename(scratch / "previous")  # removed with the scratch folder
         staging.rename(directory)
     flat = sum(1 for name in files if "/" not in name)
-    echo(f"installed {len(files)} verified task files in {directory} ({flat} CORE tasks; "
-         f"{len(files) - flat} more in {directory / EXTRA_DIR})")  # fmt: skip
+    extra = f"{len(files) - flat} more in {directory / EXTRA_DIR}"
+    echo(f"installed {len(files)} verified task files in {directory} ({flat} CORE tasks; {extra})")
     return directory

@@ -1,38 +1,6 @@
-"""A CORE-style downstream harness, per test-time depth T.
+"""A CORE-style downstream harness per test-time depth T (formats and prompts: the README's "Evaluation").
 
-Task files (jsonl, one example per line) come in three formats:
-  multiple choice     {"query", "choices", "gold"}           score query ⊕ choice; lowest mean loss wins
-  schema              {"context_options", "continuation", "gold"}  score option ⊕ continuation; lowest wins
-  language modeling   {"context", "continuation"}            correct iff greedy decoding reproduces it
-Any jsonl in one of these formats works; `CORE_TASKS` names the 18 files of the CORE-18 subset with
-their few-shot counts and random baselines (other files run 0-shot with the chance rate of their choices).
-
-Prompt rendering (fixed; `render_option`):
-  * A demonstration is an example's gold option, `context ⊕ continuation`, where `a ⊕ b` is `a + " " + b`,
-    or `a + b` when `a` is empty or already ends in whitespace (queries ending in "\\n" or "Answer: ").
-  * The prompt of an option is the demonstrations, each followed by "\\n\\n", then the option's context;
-    the sequence is `<|bos|>` + tokens(prompt without its trailing whitespace) + tokens(that trailing
-    whitespace, or the " " delimiter, + continuation). Only the second part is scored (its tokens are
-    encoded separately, so the scored tokens are exactly the continuation's, as in lm-eval).
-  * Over-long sequences lose tokens from the left (BOS and demonstrations first, then the context) so
-    that the longest option fits the model's context; every option of an example keeps the same number of
-    context tokens (multiple-choice options are compared on the same context). They are flagged
-    `truncated` in the predictions.
-Few-shot demonstrations (k = the task's shots, or `--fewshot`) are drawn without replacement from the
-other examples of the same file, with a generator seeded by (seed, task, example index): the draw never
-includes the example itself and is the same on every run. With `max_per_task`, a fixed subset (the first
-examples of a seed-1337 permutation, the same for every seed and depth) is evaluated; demonstrations are
-still drawn from the whole file.
-
-Scores: accuracy per task; centered accuracy (acc − b)/(1 − b) with b the random baseline; CORE = mean
-centered accuracy over tasks ("CORE-18" for the full shared subset; not comparable to published 22-task
-CORE). Each seed changes the few-shot draw and (for a looped model with a random h₀) h₀; figures are mean ±
-population std over seeds. Seeds that change neither (a 0-shot task of a model without a seeded h₀) are
-scored once and their results copied.
-boolq's baseline is its majority-class rate (62.2 %), as in DCLM's CORE metadata: a model that always
-answers "yes" then scores 0 rather than 0.24.
-
-Malformed input stops the run with `file:line` (skipping lines would silently change the scores).
+Malformed input stops the run with `file:line`: skipping lines would silently change the scores.
 """
 
 from __future__ import annotations
@@ -40,7 +8,7 @@ from __future__ import annotations
 import json
 import statistics
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -55,6 +23,7 @@ MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "langu
 KIND_LABELS = {MULTIPLE_CHOICE: "MC", SCHEMA: "schema", LANGUAGE_MODELING: "LM"}
 FEWSHOT_SEPARATOR = "\n\n"
 SUBSET_SEED = 1337  # fixes which examples `max_per_task` keeps
+_FORMATS = '"query"/"choices"/"gold", "context_options"/"continuation"/"gold" or "context"/"continuation"'
 
 
 @dataclass(frozen=True)
@@ -66,8 +35,7 @@ class TaskSpec:
     baseline: float | None  # random baseline as a fraction; None: the chance rate of the file's choices
 
 
-# CORE-18: 18 of the 22 tasks of the DCLM CORE suite (no HellaSwag 0/10-shot, SQuAD or CoQA), in CORE's order,
-# with CORE's few-shot counts and random baselines (the chance rate of the choices; boolq's majority class).
+# CORE-18: 18 of DCLM CORE's 22 tasks (no HellaSwag 0/10-shot, SQuAD or CoQA), with its shots and baselines.
 CORE_TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("jeopardy", "jeopardy_all.jsonl", LANGUAGE_MODELING, 10, 0.0),
     TaskSpec("bigbench_qa_wikidata", "bigbench_qa_wikidata.jsonl", LANGUAGE_MODELING, 10, 0.0),
@@ -85,12 +53,12 @@ CORE_TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("bigbench_cs_algorithms", "bigbench_cs_algorithms.jsonl", LANGUAGE_MODELING, 10, 0.0),
     TaskSpec("bigbench_operators", "bigbench_operators.jsonl", LANGUAGE_MODELING, 10, 0.0),
     TaskSpec("bigbench_repeat_copy_logic", "bigbench_repeat_copy_logic.jsonl", LANGUAGE_MODELING, 10, 0.0),
-    TaskSpec("boolq", "boolq.jsonl", MULTIPLE_CHOICE, 10, 0.622),  # majority class (see module docstring)
+    # boolq: the majority-class rate (as in DCLM's metadata), so always answering "yes" scores 0, not 0.24.
+    TaskSpec("boolq", "boolq.jsonl", MULTIPLE_CHOICE, 10, 0.622),
     TaskSpec("bigbench_language_identification", "bigbench_language_identification.jsonl", MULTIPLE_CHOICE, 10, 0.25),
 )
 
 
-# ---------------------------------------------------------------------------------------------- tasks
 @dataclass(frozen=True)
 class Example:
     """One example as options: option i is `contexts[i] ⊕ continuations[i]`; LM examples have one option."""
@@ -111,16 +79,12 @@ class Task:
     examples: tuple[Example, ...]
 
 
-def _text(record: dict, key: str) -> str:
+def _text(record: dict, key: str, many: bool = False) -> Any:
+    """record[key] if it is a string (`many`: a non-empty list of strings), else ValueError."""
     value = record.get(key)
-    if not isinstance(value, str):
+    if not many and not isinstance(value, str):
         raise ValueError(f'"{key}" must be a string.')
-    return value
-
-
-def _texts(record: dict, key: str) -> list[str]:
-    value = record.get(key)
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+    if many and (not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value)):
         raise ValueError(f'"{key}" must be a non-empty list of strings.')
     return value
 
@@ -137,43 +101,43 @@ def parse_example(record: Any, line: int) -> tuple[str, Example]:
     if not isinstance(record, dict):
         raise ValueError("expected a JSON object.")
     if "choices" in record or "query" in record:
-        query, choices = _text(record, "query"), _texts(record, "choices")
+        query, choices = _text(record, "query"), _text(record, "choices", True)
         gold = _gold(record, len(choices))
         return MULTIPLE_CHOICE, Example(line, (query,) * len(choices), tuple(choices), gold)
     if "context_options" in record:
-        options, continuation = _texts(record, "context_options"), _text(record, "continuation")
+        options, continuation = _text(record, "context_options", True), _text(record, "continuation")
         gold = _gold(record, len(options))
         return SCHEMA, Example(line, tuple(options), (continuation,) * len(options), gold)
     if "context" in record and "continuation" in record:
         return LANGUAGE_MODELING, Example(line, (_text(record, "context"),), (_text(record, "continuation"),), 0)
-    raise ValueError('unknown format: expected "query"/"choices"/"gold", "context_options"/"continuation"/"gold" '
-                     'or "context"/"continuation".')  # fmt: skip
+    raise ValueError(f"unknown format: expected {_FORMATS}.")
 
 
-def read_examples(path: str | Path) -> tuple[str, tuple[Example, ...]]:
-    """The kind and examples of a task file. Blank lines are skipped; any malformed line stops with file:line."""
-    path = Path(path)
-    kind: str | None = None
-    examples: list[Example] = []
+def _records(path: Path) -> Iterator[tuple[str, Example]]:
+    """(kind, example) of every non-blank line, all of one kind; ValueError with file:line, or for an empty file."""
+    first = ""  # the file's kind
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                kind, example = parse_example(json.loads(line), number)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}).") from None
-            try:
-                line_kind, example = parse_example(record, number)
             except ValueError as err:
                 raise ValueError(f"{path}:{number}: {err}") from None
-            if kind is not None and line_kind != kind:
-                raise ValueError(f"{path}:{number}: a {line_kind} example in a {kind} task file.")
-            kind = line_kind
-            examples.append(example)
-    if kind is None:
+            if first and kind != first:
+                raise ValueError(f"{path}:{number}: a {kind} example in a {first} task file.")
+            first = kind
+            yield kind, example
+    if not first:
         raise ValueError(f"{path} holds no examples (an empty task).")
-    return kind, tuple(examples)
+
+
+def read_examples(path: str | Path) -> tuple[str, tuple[Example, ...]]:
+    """The kind and examples of a task file (blank lines skipped)."""
+    records = list(_records(Path(path)))
+    return records[0][0], tuple(example for _, example in records)
 
 
 def chance_rate(examples: Sequence[Example], kind: str) -> float:
@@ -195,21 +159,21 @@ def load_task(spec: TaskSpec, directory: str | Path) -> Task:
 
 
 def find_tasks(directory: str | Path, names: Sequence[str] | None = None) -> list[TaskSpec]:
-    """Task specs for `directory`: the `CORE_TASKS` present there plus any other *.jsonl (0-shot, chance
-    baseline); `names` (CORE labels or file stems) selects some, in the given order."""
+    """The `CORE_TASKS` in `directory` plus any other *.jsonl (0-shot, chance baseline); `names` (CORE labels or
+    file stems) selects some, in that order."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory of task files.")
     known = {spec.file for spec in CORE_TASKS}
-    extra = [TaskSpec(p.stem, p.name, _kind_of(p), 0, None)
-             for p in sorted(directory.glob("*.jsonl")) if p.name not in known]  # fmt: skip
+    files = [path for path in sorted(directory.glob("*.jsonl")) if path.name not in known]
+    extra = [TaskSpec(path.stem, path.name, next(_records(path))[0], 0, None) for path in files]
     present = [spec for spec in CORE_TASKS if (directory / spec.file).is_file()] + extra
     if names is None:
         if not present:
             raise ValueError(f"{directory} holds no task files (*.jsonl).")
         return present
-    by_name = {spec.name: spec for spec in (*CORE_TASKS, *extra)}
-    by_name.update({Path(spec.file).stem: spec for spec in (*CORE_TASKS, *extra)})
+    specs = (*CORE_TASKS, *extra)
+    by_name = {**{spec.name: spec for spec in specs}, **{Path(spec.file).stem: spec for spec in specs}}
     unknown = [name for name in names if name not in by_name]
     if unknown:
         available = ", ".join(spec.name for spec in present)
@@ -217,21 +181,8 @@ def find_tasks(directory: str | Path, names: Sequence[str] | None = None) -> lis
     return [by_name[name] for name in dict.fromkeys(names)]
 
 
-def _kind_of(path: Path) -> str:
-    """The format of a task file, from its first example (the whole file is checked when loaded)."""
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                try:
-                    return parse_example(json.loads(line), number)[0]
-                except (ValueError, json.JSONDecodeError) as err:
-                    raise ValueError(f"{path}:{number}: {err}") from None
-    raise ValueError(f"{path} holds no examples (an empty task).")
-
-
-# ---------------------------------------------------------------------------------------------- prompts
 def fewshot_indices(n: int, index: int, shots: int, seed: int, task: str) -> list[int]:
-    """`min(shots, n − 1)` distinct example indices ≠ `index`, drawn by a generator seeded by (seed, task, index)."""
+    """`min(shots, n − 1)` distinct example indices ≠ `index`, seeded by (seed, task, index)."""
     k = min(shots, n - 1)
     if k <= 0:
         return []
@@ -241,8 +192,8 @@ def fewshot_indices(n: int, index: int, shots: int, seed: int, task: str) -> lis
 
 
 def join(context: str, continuation: str) -> tuple[str, str]:
-    """(unscored head, scored tail) of `context ⊕ continuation`: the context's trailing whitespace, or a
-    single-space delimiter, goes to the scored tail (so the tail's first token carries the word boundary)."""
+    """(unscored head, scored tail) of `a + " " + b` (`a + b` when `a` is empty or ends in whitespace). The tail
+    holds the whitespace, and is tokenized apart, so the scored tokens are exactly the continuation's (as lm-eval)."""
     head = context.rstrip()
     trailing = context[len(head) :]
     delimiter = "" if trailing or not head else " "
@@ -250,7 +201,7 @@ def join(context: str, continuation: str) -> tuple[str, str]:
 
 
 def render_option(example: Example, option: int, demos: Sequence[Example]) -> tuple[str, str]:
-    """(unscored head, scored tail) of one option's prompt, with the demonstrations in front."""
+    """(head, tail) of one option's prompt: the demonstrations' gold options + FEWSHOT_SEPARATOR, then the option."""
     prefix = "".join("".join(join(d.contexts[d.gold], d.continuations[d.gold])) + FEWSHOT_SEPARATOR for d in demos)
     return join(prefix + example.contexts[option], example.continuations[option])
 
@@ -265,7 +216,7 @@ class EncodedExample:
 def encode_examples(
     task: Task, indices: Sequence[int], tokenizer: Tokenizer, *, seed: int, shots: int, max_len: int
 ) -> list[EncodedExample]:
-    """The scored rows of the examples at `indices`, with demonstrations drawn for `seed`."""
+    """The rows (BOS, then the prompt) of the examples at `indices`; over-long rows are cut on the left."""
     examples = task.examples
     draws = [fewshot_indices(len(examples), i, shots, seed, task.name) for i in indices]
     texts: list[str] = []
@@ -279,8 +230,7 @@ def encode_examples(
         pieces = [(next(tokens), next(tokens)) for _ in examples[i].contexts]
         if not all(tail for _, tail in pieces):
             raise ValueError(f"{task.path}:{examples[i].line}: the continuation is empty.")
-        # Every option keeps the same number of context tokens, so that the longest fits the window:
-        # the options of a multiple-choice example are compared on the same context.
+        # Every option keeps as many context tokens, so that the longest fits the window.
         keep = max(1, max_len + 1 - max(len(tail) for _, tail in pieces))
         rows, truncated = [], False
         for head, tail in pieces:
@@ -293,13 +243,12 @@ def encode_examples(
 
 
 def subset(n: int, max_per_task: int | None) -> list[int]:
-    """The indices evaluated: all, or `max_per_task` of them from a fixed permutation (in file order)."""
+    """All indices, or `max_per_task` of them from a fixed permutation (in file order), the same for every seed."""
     if max_per_task is None or max_per_task >= n:
         return list(range(n))
     return sorted(int(i) for i in np.random.default_rng(SUBSET_SEED).permutation(n)[:max_per_task])
 
 
-# ---------------------------------------------------------------------------------------------- results
 def centered(accuracy: np.ndarray | float, baseline: np.ndarray | float) -> np.ndarray:
     """(acc − b)/(1 − b): 0 at the random baseline, 1 when every answer is right."""
     return (np.asarray(accuracy) - np.asarray(baseline)) / (1.0 - np.asarray(baseline))
@@ -338,18 +287,16 @@ class CoreResult:
 
         per_depth = []
         for d, depth in enumerate(self.depths):
+            acc, cen, core = self.accuracy[d], self.centered[d], self.core[d]
             tasks = {
-                t.name: {
-                    "accuracy": mean_std(self.accuracy[d, :, i]),
-                    "centered": mean_std(self.centered[d, :, i]),
-                    "per_seed": self.accuracy[d, :, i].tolist(),
-                }
+                t.name: dict(accuracy=mean_std(acc[:, i]), centered=mean_std(cen[:, i]), per_seed=acc[:, i].tolist())
                 for i, t in enumerate(self.tasks)
             }
-            per_depth.append({"depth": depth, "core": mean_std(self.core[d]), "core_per_seed": self.core[d].tolist(),
-                              "tasks": tasks})  # fmt: skip
-        tasks = [{"name": t.name, "file": t.path.name, "kind": t.kind, "shots": s, "baseline": t.baseline,
-                  "examples": n} for t, s, n in zip(self.tasks, self.shots, self.examples, strict=True)]  # fmt: skip
+            per_depth.append(dict(depth=depth, core=mean_std(core), core_per_seed=core.tolist(), tasks=tasks))
+        tasks = [
+            dict(name=t.name, file=t.path.name, kind=t.kind, shots=s, baseline=t.baseline, examples=n)
+            for t, s, n in zip(self.tasks, self.shots, self.examples, strict=True)
+        ]
         return {"label": self.label, "seeds": self.seeds, "depths": self.depths, "tasks": tasks, "results": per_depth}
 
     def format_table(self) -> str:
@@ -358,8 +305,8 @@ class CoreResult:
         lines = [f"{'task':<33}{'kind':>7}{'shots':>6}{'n':>6}{'base%':>7}{cols}"]
         for i, t in enumerate(self.tasks):
             accs = "".join(f"{100 * self.accuracy[d, :, i].mean():>14.1f}" for d in range(len(self.depths)))
-            lines.append(f"{t.name:<33}{KIND_LABELS[t.kind]:>7}{self.shots[i]:>6}{self.examples[i]:>6}"
-                         f"{100 * t.baseline:>7.1f}{accs}")  # fmt: skip
+            row = f"{t.name:<33}{KIND_LABELS[t.kind]:>7}{self.shots[i]:>6}{self.examples[i]:>6}"
+            lines.append(f"{row}{100 * t.baseline:>7.1f}{accs}")
         several = len(self.seeds) > 1
         cells = [f"{100 * c.mean():.2f}" + (f" ± {100 * c.std():.2f}" if several else "") for c in self.core]
         label = f"{self.label} (centered ×100{', mean ± std over seeds' if several else ''})"
@@ -368,8 +315,7 @@ class CoreResult:
 
 
 def layer_passes(config: Any, depth: int) -> int:
-    """Blocks a token runs through at test-time depth `depth` (prelude, `depth` × core, coda): what a token costs
-    at that depth, the unit of the CORE progress bar."""
+    """Blocks a token runs through at depth `depth` (prelude, `depth` × core, coda): its cost, the progress unit."""
     return config.n_prelude + config.n_coda + (depth * config.n_core if config.is_looped else 0)
 
 
@@ -387,15 +333,11 @@ def evaluate_core(
     predictions: TextIO | None = None,
     progress: bool = False,
 ) -> CoreResult:
-    """Accuracy of every task at every depth for every seed (few-shot draw and h₀).
+    """Accuracy [depth, seed, task] (a seed sets the few-shot draw and h₀); `fewshot` overrides every task's shots,
+    `batch_size` counts rows; one JSON line per (example, depth, seed) goes to `predictions`. A seed that changes
+    neither the draw (0-shot) nor h₀ would repeat the first: its results are copied."""
+    from tqdm.auto import tqdm
 
-    `fewshot` overrides every task's shot count; `batch_size` counts rows (options), and the options of
-    an example are always scored together; `max_len` defaults to the model's context. One JSON line per
-    (example, depth, seed) goes to `predictions` when given. A seed changes a task's scores only through its
-    few-shot draw and h₀: where neither depends on it (a 0-shot task, and a model whose h₀ does not depend on the
-    seed), later seeds repeat the first seed's results and are copied instead of scored again.
-    The progress bar counts tokens fed × `layer_passes`, so equal steps of it cost about the same time.
-    """
     depths = check_depths(depths)
     seeds = list(seeds)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
@@ -420,18 +362,20 @@ def evaluate_core(
         plans.append((owners, groups))
     accuracy = np.zeros((len(depths), len(seeds), len(tasks)))
     first: dict[tuple[int, int], list[dict[str, Any]]] = {}  # (depth, task): the first seed's records
-    from tqdm.auto import tqdm
-
     passes = [layer_passes(model.config, depth) for depth in depths]
     total = sum(tokens_fed(model, [g.rows for g in groups]) for _, groups in plans) * sum(passes)
+    common = {"batch_size": batch_size, "pad_id": tokenizer.pad_id, "vocab_limit": tokenizer.vocab_size}
     # smoothing=0: the ETA uses the mean rate since the start, not the last few batches' (which swings with load).
     bar = tqdm(total=total, desc="CORE", unit=" token-layers", unit_scale=True, smoothing=0, disable=not progress)
     with bar:
         for s, (seed, (owners, groups)) in enumerate(zip(seeds, plans, strict=True)):
             for d, depth in enumerate(depths):
-                scores = score_groups(model, [g.rows for g in groups], batch_size=batch_size, num_steps=depth,
-                                      state_seed=seed, pad_id=tokenizer.pad_id, vocab_limit=tokenizer.vocab_size,
-                                      on_tokens=lambda fed, n=passes[d]: bar.update(fed * n))  # fmt: skip
+
+                def advance(fed: int, n: int = passes[d]) -> None:
+                    bar.update(fed * n)
+
+                rows = [g.rows for g in groups]
+                scores = score_groups(model, rows, num_steps=depth, state_seed=seed, on_tokens=advance, **common)
                 for (t, i), group, row_scores in zip(owners, groups, scores, strict=True):
                     task, example = tasks[t], tasks[t].examples[i]
                     losses = [r.mean_nll for r in row_scores]
@@ -441,10 +385,10 @@ def evaluate_core(
                         pred = int(np.argmin(losses))  # ties go to the first option
                         correct = pred == example.gold
                     accuracy[d, s, t] += correct
-                    record = {"task": task.name, "line": example.line, "depth": depth, "seed": seed,
-                              "correct": bool(correct), "mean_nll": [round(x, 6) for x in losses],
-                              "fewshot_lines": [task.examples[j].line for j in group.fewshot],
-                              "truncated": group.truncated}  # fmt: skip
+                    fewshot_lines = [task.examples[j].line for j in group.fewshot]
+                    record = {"task": task.name, "line": example.line, "depth": depth, "seed": seed}
+                    record.update(correct=bool(correct), mean_nll=[round(x, 6) for x in losses])
+                    record.update(fewshot_lines=fewshot_lines, truncated=group.truncated)
                     if pred is not None:
                         record.update(gold=example.gold, pred=pred)
                     if s == 0 and repeats[t]:
@@ -452,12 +396,11 @@ def evaluate_core(
                     if predictions is not None:
                         predictions.write(json.dumps(record) + "\n")
                 for t in range(len(tasks)):
-                    if s == 0 or not repeats[t]:
-                        continue
-                    # The same prompts and h₀ as the first seed: the same results, copied.
-                    accuracy[d, s, t] = accuracy[d, 0, t]
-                    if predictions is not None:
-                        predictions.writelines(json.dumps({**r, "seed": seed}) + "\n" for r in first.get((d, t), []))
-    counts = np.array([len(idx) for idx in chosen], dtype=float)
-    return CoreResult(tasks=list(tasks), shots=shots, examples=[len(idx) for idx in chosen], depths=depths,
-                      seeds=seeds, accuracy=accuracy / counts)  # fmt: skip
+                    if s > 0 and repeats[t]:  # the first seed's prompts and h₀, so its results, copied
+                        accuracy[d, s, t] = accuracy[d, 0, t]
+                        copies = [{**r, "seed": seed} for r in first.get((d, t), [])]
+                        if predictions is not None:
+                            predictions.writelines(json.dumps(r) + "\n" for r in copies)
+    examples = [len(idx) for idx in chosen]
+    accuracy /= np.array(examples, dtype=float)
+    return CoreResult(tasks=list(tasks), shots=shots, examples=examples, depths=depths, seeds=seeds, accuracy=accuracy)

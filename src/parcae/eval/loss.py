@@ -1,16 +1,8 @@
-"""Validation loss, perplexity and bits per byte as a function of the test-time depth T.
+"""Validation loss, perplexity and bits per byte per test-time depth T (the README's "Loss and bits per byte").
 
-A looped model's quality depends on how many iterations it is given at test time; every number here is
-reported per T. Evaluation is deterministic: fixed depth, h₀ from a fixed seed; with several seeds each
-figure is the mean over seeds and `*_std` its population standard deviation (as the official CORE
-reports), which measures the sensitivity to the random h₀.
-
-Bits per byte = Σ nats over the non-special targets / (ln 2 · Σ UTF-8 bytes of those targets). A target's
-bytes come from `Tokenizer.token_bytes()`, which counts the raw bytes a token stands for, so a byte-level
-BPE token that ends in the middle of a character counts its own bytes (the official code decodes each
-token and counts the replacement character's 3 bytes instead). Special targets (the BOS that opens the
-next document in a packed row) carry no text: they are left out of both sums, as in nanochat. `loss` and
-perplexity are over every target, as in training.
+With several h₀ seeds a figure is the mean over seeds and `*_std` its population std. Special targets (the BOS
+opening a packed row's next document) carry no text: bits per byte leaves them out, as in nanochat; `loss` and
+perplexity count every target, as in training.
 """
 
 from __future__ import annotations
@@ -24,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.parcae import IGNORE_INDEX, Parcae
-from .scoring import check_depths, evaluating, logit_scores, model_device, token_scores
+from .scoring import check_depths, evaluating, logit_scores, model_device
 
 Batch = tuple[Tensor, Tensor]
 
@@ -72,11 +65,8 @@ def loss_by_depth(
     token_bytes: np.ndarray | Tensor | None = None,
     progress: bool = False,
 ) -> list[DepthResult]:
-    """Token-weighted mean loss over `batches` at each depth (a fixed-depth model ignores the depth).
-
-    `state_seed`: one h₀ seed or several (mean ± std over them). `token_bytes` (a tokenizer's
-    `token_bytes()`) adds bits per byte; without it the memory-saving loss path is used (no logits).
-    """
+    """Token-weighted mean loss over `batches` at each depth, for one h₀ seed or several. `token_bytes` (a
+    tokenizer's `token_bytes()`) adds bits per byte; without it the memory-saving loss path is used (no logits)."""
     if not batches:
         raise ValueError("no validation batches to evaluate on.")
     depths = check_depths(depths)
@@ -84,36 +74,62 @@ def loss_by_depth(
     if not seeds:
         raise ValueError("at least one h₀ seed is needed.")
     device = model_device(model)
-    weights = None
+    weights = None  # UTF-8 bytes per token id, 0 for ids the tokenizer does not have
     if token_bytes is not None:
-        weights = torch.zeros(model.config.vocab_size, dtype=torch.long)
-        given = torch.as_tensor(np.asarray(token_bytes), dtype=torch.long)
-        weights[: len(given)] = given[: model.config.vocab_size]
-        weights = weights.to(device)
+        given = torch.as_tensor(np.asarray(token_bytes), dtype=torch.long)[: model.config.vocab_size]
+        weights = F.pad(given, (0, model.config.vocab_size - len(given))).to(device)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(seeds) * len(depths) * len(batches), desc="loss", unit="batch", smoothing=0,
-               disable=not progress)  # fmt: skip
+    total = len(seeds) * len(depths) * len(batches)
+    bar = tqdm(total=total, desc="loss", unit="batch", smoothing=0, disable=not progress)
     sums = {(depth, seed): _Sums() for depth in depths for seed in seeds}
     with evaluating(model), bar, torch.no_grad():
         for seed in seeds:
             for inputs, labels in batches:
                 inputs, labels = inputs.to(device), labels.to(device)
+                valid = labels != IGNORE_INDEX
+                n = int(valid.sum())
+                nbytes = None if weights is None else weights[labels.clamp(min=0)] * valid
                 for depth, metrics, nll, loss in _scores_by_depth(model, inputs, labels, depths, seed, weights):
-                    _accumulate(sums[depth, seed], labels, weights, metrics, nll, loss)
+                    acc = sums[depth, seed]
+                    acc.tokens += n
+                    if nll is None:
+                        acc.nats += float(loss) * n
+                    else:
+                        acc.nats += float(nll.sum())
+                        acc.text_nats += float(nll[nbytes > 0].sum())
+                        acc.bytes += int(nbytes.sum())
+                    if metrics:
+                        acc.norm += float(metrics["state_norm"]) * n
+                        acc.residual += float(metrics["recurrent_residual"]) * n
                     bar.update()
-    return [_summarise(depth, seeds, [sums[depth, s] for s in seeds], model.config.is_looped, weights is not None)
-            for depth in depths]  # fmt: skip
+    looped, with_bytes, results = model.config.is_looped, weights is not None, []
+    for depth in depths:
+        per_seed = [sums[depth, s] for s in seeds]
+        tokens = max(per_seed[0].tokens, 1)
+        losses = [s.nats / tokens for s in per_seed]
+        bpbs = [s.text_nats / (math.log(2) * s.bytes) if s.bytes else math.nan for s in per_seed]
+        result = DepthResult(
+            depth=depth,
+            loss=statistics.fmean(losses),
+            tokens=per_seed[0].tokens,
+            state_norm=statistics.fmean(s.norm for s in per_seed) / tokens if looped else None,
+            residual=statistics.fmean(s.residual for s in per_seed) / tokens if looped else None,
+            loss_std=statistics.pstdev(losses),
+            bpb=statistics.fmean(bpbs) if with_bytes else None,
+            bpb_std=statistics.pstdev(bpbs) if with_bytes else None,
+            bytes=per_seed[0].bytes if with_bytes else None,
+            seeds=seeds,
+        )
+        results.append(result)
+    return results
 
 
 def _scores_by_depth(
     model: Parcae, inputs: Tensor, labels: Tensor, depths: Sequence[int], seed: int, weights: Tensor | None
 ) -> Iterator[tuple[int, dict[str, Any], Tensor | None, Tensor | None]]:
-    """(depth, loop metrics, per-token nll or None, mean loss or None) for each depth: per-token losses when bits
-    per byte are wanted (`weights`), else the chunked mean loss that never holds [B, L, V] logits.
-
-    One run of the loop serves every depth (`Parcae.iterate_depths`), except for an FSDP2-sharded model: it
-    gathers a module's shards only around that module's own forward, so there each depth is one forward."""
+    """(depth, loop metrics, per-token nll if `weights` else None, chunked mean loss or None) for each depth. One
+    loop run serves every depth, except under FSDP2, which gathers a module's shards only around its own forward."""
     if _is_fsdp(model):
         for depth in depths:
             steps = depth if model.config.is_looped else None
@@ -121,8 +137,8 @@ def _scores_by_depth(
                 out = model(inputs, labels=labels, num_steps=steps, state_seed=seed, return_logits=False)
                 yield depth, out.metrics, None, out.loss
             else:
-                scores = token_scores(model, inputs, labels, num_steps=depth, state_seed=seed)
-                yield depth, scores.metrics, scores.nll, None
+                out = model(inputs, num_steps=steps, state_seed=seed)
+                yield depth, out.metrics, logit_scores(out.logits, labels, None)[0], None
         return
     for out in model.iterate_depths(inputs, depths, seed):
         metrics: dict[str, Any] = {}
@@ -145,53 +161,11 @@ def _is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _accumulate(
-    acc: _Sums, labels: Tensor, weights: Tensor | None, metrics: dict[str, Any], nll: Tensor | None,
-    loss: Tensor | None,
-) -> None:  # fmt: skip
-    valid = labels != IGNORE_INDEX
-    n = int(valid.sum())
-    if nll is None:
-        acc.nats += float(loss) * n
-    else:
-        nbytes = weights[labels.clamp(min=0)] * valid
-        acc.nats += float(nll.sum())
-        acc.text_nats += float(nll[nbytes > 0].sum())
-        acc.bytes += int(nbytes.sum())
-    acc.tokens += n
-    if metrics:
-        acc.norm += float(metrics["state_norm"]) * n
-        acc.residual += float(metrics["recurrent_residual"]) * n
-
-
-def _summarise(
-    depth: int, seeds: tuple[int, ...], per_seed: list[_Sums], looped: bool, with_bytes: bool
-) -> DepthResult:
-    tokens = max(per_seed[0].tokens, 1)
-    losses = [s.nats / tokens for s in per_seed]
-    bpbs = [s.text_nats / (math.log(2) * s.bytes) if s.bytes else math.nan for s in per_seed]
-    return DepthResult(
-        depth=depth,
-        loss=statistics.fmean(losses),
-        tokens=per_seed[0].tokens,
-        state_norm=statistics.fmean(s.norm for s in per_seed) / tokens if looped else None,
-        residual=statistics.fmean(s.residual for s in per_seed) / tokens if looped else None,
-        loss_std=statistics.pstdev(losses),
-        bpb=statistics.fmean(bpbs) if with_bytes else None,
-        bpb_std=statistics.pstdev(bpbs) if with_bytes else None,
-        bytes=per_seed[0].bytes if with_bytes else None,
-        seeds=seeds,
-    )
-
-
-def _mean_std(mean: float, std: float, several: bool, width: int, digits: int) -> str:
-    if not several:
-        return f"{mean:{width}.{digits}f}"
-    return f"{mean:{width}.{digits}f} ± {std:.{digits}f}"
+def _mean_std(mean: float, std: float, several: bool) -> str:
+    return f"{mean:8.4f} ± {std:.4f}" if several else f"{mean:8.4f}"
 
 
 def format_table(results: Sequence[DepthResult]) -> str:
-    """One line per depth: loss (± std over seeds), perplexity, bits per byte, ‖h_T‖, ‖h_T − h_T−1‖."""
     several = len(results[0].seeds) > 1 if results else False
     loss_width = 17 if several else 8
     has_bpb = any(r.bpb is not None for r in results)
@@ -200,9 +174,9 @@ def format_table(results: Sequence[DepthResult]) -> str:
         header += f"  {'bpb':>{loss_width}}"
     lines = [header + f"  {'‖h_T‖':>9}  {'‖h_T−h_T−1‖':>12}"]
     for r in results:
-        line = f"{r.depth:>4}  {_mean_std(r.loss, r.loss_std, several, 8, 4)}  {r.perplexity:9.3f}"
+        line = f"{r.depth:>4}  {_mean_std(r.loss, r.loss_std, several)}  {r.perplexity:9.3f}"
         if has_bpb:
-            line += "  " + _mean_std(r.bpb or math.nan, r.bpb_std or 0.0, several, 8, 4)
+            line += "  " + _mean_std(r.bpb or math.nan, r.bpb_std or 0.0, several)
         norm = f"{r.state_norm:9.3f}" if r.state_norm is not None else f"{'-':>9}"
         residual = f"{r.residual:12.4f}" if r.residual is not None else f"{'-':>12}"
         lines.append(f"{line}  {norm}  {residual}")
@@ -217,8 +191,8 @@ def plot_depth_curve(results: Sequence[DepthResult], path: str | Path, title: st
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.errorbar([r.depth for r in results], [r.loss for r in results], yerr=[r.loss_std for r in results],
-                marker="o", capsize=3)  # fmt: skip
+    depths, losses = [r.depth for r in results], [r.loss for r in results]
+    ax.errorbar(depths, losses, yerr=[r.loss_std for r in results], marker="o", capsize=3)
     if train_depth is not None:
         ax.axvline(train_depth, color="gray", linestyle="--", label=f"μ_rec = {train_depth}")
         ax.legend()

@@ -1,30 +1,16 @@
-"""Scoring token sequences at a fixed test-time depth: per-token losses and greedy agreement, batched.
+"""Scoring token sequences at a fixed test-time depth T, batched: per-token losses and greedy agreement.
 
-The loss sweep, the CORE harness and the lm-eval adapter all score through `token_scores`, so a token is
-scored the same way everywhere: fixed depth T (never a sampled one), h₀ from `state_seed`, cross entropy
-over the model's full vocabulary, and "greedy" meaning the argmax over the tokenizer's ids (`vocab_limit`;
-a model's vocabulary is often padded beyond its tokenizer's, and greedy decoding never emits those ids).
-
-A *row* is one sequence to score: its tokens and the index of its first scored token. Rows are right-padded
-into batches; the labels of padding and of unscored (context) positions are IGNORE_INDEX. Attention is
-causal and the model seeds h₀ per position (the same vector for every row), so neither padding nor a row's
-batch neighbours change its scores: batched and one-at-a-time scoring agree.
-
-Prompt sharing (`score_groups`' default for a `Parcae`): rows that feed the same context tokens — the options
-of a multiple-choice example, or lm-eval requests with one context — run that context once through the KV
-cache (`full` policy, the fixed depth), copy its cache row per continuation (`KVCache.select_rows`) and then
-run only the continuations. A cached forward at a fixed depth equals the full forward, so the scores do not
-change (up to float rounding), while a 10-shot 4-way example feeds its prompt once instead of four times.
-The first continuation token is scored from the context's last position. Rows with a context of their own
-(language modeling, schema options) keep the one-pass path: two forwards would gain nothing there.
+The loss sweep, CORE and the lm-eval adapter all score with `logit_scores`, so a token is scored alike everywhere.
+Attention is causal and h₀ is seeded per position, so neither right padding nor batch neighbours change a row's
+scores; rows with the same context run it once through the KV cache (`score_shared`), equal up to rounding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,12 +19,11 @@ from torch import Tensor, nn
 
 from ..model.parcae import IGNORE_INDEX, Parcae
 
-# Logit elements converted to fp32 at once when computing per-token losses (32 Mi floats = 128 MiB).
+# Logit elements converted to fp32 at once for per-token losses (128 MiB).
 _LOGIT_CHUNK_ELEMENTS = 1 << 25
 # KV-cache bytes one batch of shared prompts may fill (rows × columns × bytes per cached token). A looped model
 # caches every iteration's K/V, so a batch that fits at T = 4 may not at T = 32: such batches are split.
 _KV_CACHE_BYTES = 1 << 32
-T = TypeVar("T")
 
 
 @contextmanager
@@ -57,50 +42,20 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def seed_changes_h0(config: Any) -> bool:
-    """Whether `state_seed` changes a model's outputs: only a looped model with a random h₀ depends on it (a
-    fixed-depth model has no h₀; a zero h₀ is the same for every seed), so anything else needs one seed."""
+    """Whether `state_seed` changes a model's outputs: only a looped model with a random h₀ depends on it."""
     return bool(config.is_looped and config.state_init != "zero")
 
 
 def check_depths(depths: Sequence[int]) -> list[int]:
-    """The depths as a list; ValueError unless there is at least one and each is a positive integer."""
     depths = list(depths)
     if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
         raise ValueError(f"depths must be positive integers, got {depths!r}.")
     return depths
 
 
-@dataclass(frozen=True)
-class TokenScores:
-    nll: Tensor  # [B, L] float32 nats per target; 0 where the label is IGNORE_INDEX
-    greedy: Tensor  # [B, L] bool: the target is the argmax below vocab_limit (False where ignored)
-    metrics: dict[str, Any] = field(default_factory=dict)  # the model's loop telemetry
-
-
-@torch.inference_mode()
-def token_scores(
-    model: nn.Module,
-    inputs: Tensor,
-    labels: Tensor,
-    *,
-    num_steps: int | None = None,
-    state_seed: int = 0,
-    vocab_limit: int | None = None,
-) -> TokenScores:
-    """Per-token losses of `labels` given `inputs` ([B, L] each) at depth `num_steps` (None: μ_rec).
-
-    The model must already be in eval mode (see `evaluating`); a fixed-depth model ignores `num_steps`.
-    """
-    device = model_device(model)
-    inputs, labels = inputs.to(device), labels.to(device)
-    steps = num_steps if model.config.is_looped else None
-    out = model(inputs, num_steps=steps, state_seed=state_seed)
-    nll, greedy = logit_scores(out.logits, labels, vocab_limit)
-    return TokenScores(nll=nll, greedy=greedy, metrics=out.metrics)
-
-
 def logit_scores(logits: Tensor, labels: Tensor, vocab_limit: int | None) -> tuple[Tensor, Tensor]:
-    """(nll, greedy) [B, L] of `labels` under `logits` [B, L, V], a few rows at a time in fp32."""
+    """(nll, greedy) [B, L] of `labels` under `logits` [B, L, V], in fp32: nats per target (0 where ignored) and
+    whether it is the argmax below `vocab_limit` (greedy decoding never emits a padded vocabulary's extra ids)."""
     batch, length, vocab = logits.shape
     nll = torch.zeros(batch, length, dtype=torch.float32, device=logits.device)
     greedy = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
@@ -114,7 +69,6 @@ def logit_scores(logits: Tensor, labels: Tensor, vocab_limit: int | None) -> tup
     return nll, greedy
 
 
-# ---------------------------------------------------------------------------------------------- rows
 @dataclass(frozen=True)
 class Row:
     """Tokens to feed (all but the last) and score (from index `start` on, `start` ≥ 1)."""
@@ -139,11 +93,7 @@ class RowScore:
 
 
 def make_row(context: Sequence[int], continuation: Sequence[int], max_len: int) -> tuple[Row, bool]:
-    """`context + continuation`, left-truncated to `max_len + 1` tokens (so the model sees ≤ `max_len`).
-
-    Returns the row and whether anything was cut. If the continuation alone is longer than the window,
-    its head is cut too and only its last `max_len` tokens are scored.
-    """
+    """(`context + continuation` left-truncated to `max_len + 1` tokens, whether anything was cut)."""
     if not context:
         raise ValueError("a row needs at least one context token (e.g. BOS) to condition on.")
     if not continuation:
@@ -153,6 +103,7 @@ def make_row(context: Sequence[int], continuation: Sequence[int], max_len: int) 
     return Row(tokens=kept, start=max(1, len(kept) - len(continuation))), len(kept) < len(full)
 
 
+@torch.inference_mode()
 def score_rows(
     model: nn.Module,
     rows: Sequence[Row],
@@ -162,7 +113,7 @@ def score_rows(
     pad_id: int,
     vocab_limit: int | None = None,
 ) -> list[RowScore]:
-    """Score `rows` in one forward pass (right-padded to the longest)."""
+    """Score `rows` in one forward pass (right-padded to the longest); the model must be in eval mode."""
     width = max(len(row.tokens) for row in rows) - 1
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -170,20 +121,20 @@ def score_rows(
         tokens = torch.from_numpy(row.tokens)
         inputs[i, : len(tokens) - 1] = tokens[:-1]
         labels[i, row.start - 1 : len(tokens) - 1] = tokens[row.start :]
-    scores = token_scores(model, inputs, labels, num_steps=num_steps, state_seed=state_seed, vocab_limit=vocab_limit)
-    return _row_scores(scores.nll, scores.greedy, labels.to(scores.nll.device))
+    device = model_device(model)
+    steps = num_steps if model.config.is_looped else None  # a fixed-depth model has no depth
+    logits = model(inputs.to(device), num_steps=steps, state_seed=state_seed).logits
+    labels = labels.to(device)
+    return _row_scores(*logit_scores(logits, labels, vocab_limit), labels)
 
 
 def _row_scores(nll: Tensor, greedy: Tensor, labels: Tensor) -> list[RowScore]:
-    """Per-row sums of per-token scores [R, L] over the labelled positions."""
     scored = labels != IGNORE_INDEX
-    totals = nll.sum(dim=1).tolist()
-    counts = scored.sum(dim=1).tolist()
+    totals, counts = nll.sum(dim=1).tolist(), scored.sum(dim=1).tolist()
     all_greedy = (greedy == scored).all(dim=1).tolist()
     return [RowScore(nll=n, count=c, greedy=g) for n, c, g in zip(totals, counts, all_greedy, strict=True)]
 
 
-# ---------------------------------------------------------------------------------------------- shared prompts
 @dataclass(frozen=True)
 class SharedPrompt:
     """Rows that feed the same context tokens: the context runs once, then each row's continuation."""
@@ -194,12 +145,10 @@ class SharedPrompt:
 
     @property
     def fed(self) -> int:
-        """Tokens fed through the model for it: the context once, each continuation but its last token."""
         return len(self.context) + sum(len(c) - 1 for c in self.continuations)
 
     @property
     def columns(self) -> int:
-        """Cache columns of its longest row (the last continuation token is only a label, never fed)."""
         return len(self.context) + max(len(c) for c in self.continuations) - 1
 
 
@@ -228,13 +177,8 @@ def score_shared(
     pad_id: int,
     vocab_limit: int | None = None,
 ) -> list[list[RowScore]]:
-    """Scores of every continuation of every prompt: one cached forward over the contexts, one over the
-    continuations. The model must already be in eval mode (see `evaluating`).
-
-    Contexts are left-padded (the cache shifts each row's positions and masks its padding), so every row's last
-    context token sits in the last column and every continuation starts in the same column; continuations are
-    right-padded, and causal attention keeps their padding out of the scored positions.
-    """
+    """Scores of every continuation of every prompt (model in eval mode): one cached forward over the contexts,
+    left-padded (the cache masks it) so that all continuations start in one column, one over the continuations."""
     device = model_device(model)
     steps = num_steps if model.config.is_looped else None
     width = max(len(p.context) for p in prompts)
@@ -250,7 +194,6 @@ def score_shared(
     for r, tokens in enumerate(continuations):
         labels[r, : len(tokens)] = tokens
         inputs[r, : len(tokens) - 1] = tokens[:-1]
-
     cache = model.new_cache(len(prompts), width + span - 1, max_steps=steps)  # room for the continuations
     run = {"num_steps": steps, "state_seed": state_seed}
     last = model.forward_cached(
@@ -266,27 +209,19 @@ def score_shared(
     return [[next(scores) for _ in p.continuations] for p in prompts]
 
 
-# ---------------------------------------------------------------------------------------------- batches
 def _greedy_batches(order: Sequence[int], fits: Callable[[list[int]], bool]) -> list[list[int]]:
     """Consecutive runs of `order`, each as long as `fits` allows (an item that fits nowhere goes alone)."""
     batches: list[list[int]] = []
-    current: list[int] = []
     for item in order:
-        if current and not fits([*current, item]):
-            batches.append(current)
-            current = []
-        current.append(item)
-    if current:
-        batches.append(current)
+        if batches and fits([*batches[-1], item]):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
     return batches
 
 
 def pack_groups(groups: Sequence[Sequence[Row]], max_rows: int) -> list[list[int]]:
-    """Batches of group indices: whole groups, longest first, at most `max_rows` rows per batch.
-
-    Sorting by length keeps padding small; a group larger than `max_rows` gets a batch of its own
-    (the options of one example are always scored together).
-    """
+    """Batches of whole groups (indices), longest first, of ≤ `max_rows` rows unless one group alone has more."""
     order = sorted(range(len(groups)), key=lambda g: -max((len(r.tokens) for r in groups[g]), default=0))
     return _greedy_batches(order, lambda batch: sum(len(groups[g]) for g in batch) <= max_rows)
 
@@ -294,9 +229,8 @@ def pack_groups(groups: Sequence[Sequence[Row]], max_rows: int) -> list[list[int
 def pack_prompts(
     prompts: Sequence[SharedPrompt], max_rows: int, max_columns: int, bytes_per_token: float
 ) -> list[list[int]]:
-    """Batches of prompt indices for `score_shared`, longest context first (little left padding): at most
-    `max_rows` continuations, `max_columns` cache columns (the model's context) and `_KV_CACHE_BYTES` of cache,
-    except that a prompt which alone exceeds a limit gets a batch of its own."""
+    """Batches of prompt indices, longest context first, within `max_rows` continuations, `max_columns` cache columns
+    and `_KV_CACHE_BYTES` (a prompt over a limit goes alone)."""
     order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p].context))
 
     def fits(batch: list[int]) -> bool:
@@ -320,8 +254,7 @@ def _units(
 
 
 def tokens_fed(model: nn.Module, groups: Sequence[Sequence[Row]], *, share: bool = True) -> int:
-    """Tokens `score_groups` feeds through the model for `groups` (padding not counted), the sum of what it reports
-    to `on_tokens`: a progress bar over it advances in units of about equal cost, known before scoring starts."""
+    """Tokens `score_groups` feeds for `groups` (no padding): the sum it reports to `on_tokens`, known in advance."""
     rows = [row for group in groups for row in group]
     plain, shared = _units(model, rows, groups, share)
     return sum(len(rows[i].tokens) - 1 for unit in plain for i in unit) + sum(p.fed for p in shared)
@@ -340,13 +273,8 @@ def score_groups(
     on_tokens: Callable[[int], None] | None = None,
     share: bool = True,
 ) -> list[list[RowScore]]:
-    """Scores of every row of every group, in the groups' order; batches of ≤ `batch_size` rows.
-
-    With `share` and a `Parcae` model, rows with a common context (across groups too) are scored through
-    `score_shared`, the rest in one pass per batch (`score_rows`); without, whole groups are packed into
-    one-pass batches. The scores agree up to float rounding. After each batch, `on_batch(rows)` and
-    `on_tokens(tokens fed)` are called (for progress bars; the tokens add up to `tokens_fed`).
-    """
+    """Scores of every row of every group, in batches of ≤ `batch_size` rows. With `share` and a `Parcae`, rows with
+    a common context go through `score_shared`. After each batch: `on_batch(rows)` and `on_tokens(tokens fed)`."""
     rows = [row for group in groups for row in group]
     scores: dict[int, RowScore] = {}  # by index in `rows`
     common = {"num_steps": num_steps, "state_seed": state_seed, "pad_id": pad_id, "vocab_limit": vocab_limit}
@@ -370,5 +298,5 @@ def score_groups(
                 for prompt, row_scores in zip(chosen, score_shared(model, chosen, **common), strict=True):
                     scores.update(zip(prompt.rows, row_scores, strict=True))
                 report(sum(len(p.rows) for p in chosen), sum(p.fed for p in chosen))
-    offsets = np.cumsum([0, *(len(group) for group in groups)]).tolist()
-    return [[scores[i] for i in range(offsets[g], offsets[g + 1])] for g in range(len(groups))]
+    ordered = iter([scores[i] for i in range(len(rows))])
+    return [[next(ordered) for _ in group] for group in groups]

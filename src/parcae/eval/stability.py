@@ -1,43 +1,15 @@
-"""Stability diagnostics of the loop: the loop map h ↦ core(inject(h, e)) and its Jacobian spectrum.
+"""Stability diagnostics of the loop: the loop map F(h) = `Parcae.step(h, inputs)` and its Jacobian spectrum.
 
-ρ(Ā) < 1 makes the *linear* part of the update `h ← Ā·h + B̄·e + R̄(h, e)` contractive, but the loop
-that runs is the full nonlinear map F(h) = core(inject(h, e)). Its local behaviour at a state h is
-governed by the Jacobian J = ∂F/∂h: perturbations of h shrink under repeated application when the
-spectral radius ρ(J) < 1 (near a fixed point h* = F(h*), ρ(J(h*)) < 1 is the condition for the
-fixed point to attract), and one step can amplify a perturbation by up to ‖J‖₂ ≥ ρ(J).
-With R̄ = 0, J = Ā, so comparing ρ(J) with ρ(Ā) shows what the nonlinear part adds.
-
-Token structure. For one sequence, h has L tokens of S channels; every op of the core is per-token
-except causal attention, so output token i depends on input tokens j ≤ i only and J (an LS × LS
-matrix) is *block lower triangular* with S × S blocks J_ij = ∂F_i/∂h_j. The eigenvalues of a block
-triangular matrix are those of its diagonal blocks, hence, exactly,
-
-    ρ(J) = max_i ρ(J_ii),
-
-and ρ_i = ρ(J_ii) is the "per-token spectral radius": the rate at which a perturbation of token i's
-own state persists while the earlier tokens are held fixed. The off-diagonal blocks do not change the
-spectrum but do enter the norm: ‖J‖₂ ≥ max_i ‖J_ii‖₂, and the gap measures how much a step can
-amplify perturbations *across* tokens (transient, non-normal growth).
-
-How it is computed (matrix-free). J_ii v_i for every token at once comes from one Jacobian-vector
-product of a "token-local" variant of the map whose value equals F but whose attention treats the
-keys and values of the *other* tokens as constants (they are detached; token i's own key and value
-keep their derivative through a zero-valued term). That variant's Jacobian is exactly
-blockdiag(J_11, …, J_LL), so each product applies all diagonal blocks of all sequences in parallel.
-The override is installed with a `TorchFunctionMode` around `scaled_dot_product_attention`, so the
-model's own blocks run unchanged. Products are taken by reverse mode only: one forward pass builds
-g(u) = Jᵀu with `create_graph=True`, after which Jᵀw is one backward pass through the forward graph
-and Jv = ∂⟨g(u), v⟩/∂u one backward pass through g's graph ("double-backward" JVP). On CPU this is
-4–15× faster than `torch.func.jvp`, whose forward-mode rules for these ops run as Python
-decompositions (≈ 1 ms per op), and it needs no forward-mode rule for the fused attention kernel.
-
-Spectral radii come from power iteration with Krylov (Arnoldi) extraction, batched over the
-independent problems: the power iterates v, Jv, J²v, … span a Krylov space whose Ritz values
-approximate the largest-modulus eigenvalues. Plain power iteration (the ratio ‖J^{k+1}v‖/‖J^k v‖)
-does not converge when the dominant eigenvalues are a complex-conjugate pair, which real
-non-symmetric Jacobians often have; Arnoldi on the same iterates does. Explicit restarts from the
-top Ritz vectors refine the estimate, and the Ritz residual is returned as a convergence check.
-Norms are the square roots of the spectral radius of JᵀJ (Jv then Jᵀ·), by the same routine.
+ρ(Ā) < 1 makes only the linear part of the update contractive; the loop's local stability at a state h is
+governed by J = ∂F/∂h (= Ā when R̄ = 0). Attention is causal and everything else acts per token, so J is block
+lower triangular in tokens and ρ(J) = max_i ρ(J_ii) exactly (the README's "Jacobian spectral radius" has the
+argument). J_ii v_i for every token at once comes from one product with a "token-local" map: same value, but
+attention treats the other tokens' keys and values as constants (a `TorchFunctionMode` around
+`scaled_dot_product_attention`, so the model's blocks run unchanged). Products use reverse mode only — Jᵀw is
+one backward pass, Jv the double-backward of g(u) = Jᵀu — because on CPU that is 4–15× faster than
+`torch.func.jvp` (forward-mode rules run as Python decompositions) and needs no forward rule for fused
+attention. Spectral radii come from batched power iteration with Arnoldi extraction and restarts: plain power
+iteration does not converge when the dominant eigenvalues are a complex pair. Norms: √ρ(JᵀJ), the same way.
 """
 
 from __future__ import annotations
@@ -53,42 +25,29 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..model.parcae import Parcae
+from ..model.recurrence import LoopInputs
+from .scoring import evaluating
 
 MatVec = Callable[[Tensor], Tensor]
-# A Krylov direction shorter than this fraction of the vector it came from is treated as breakdown
-# (an invariant subspace was found): the matvecs run in the model's precision (fp32), so anything
-# smaller is rounding noise.
+# A Krylov direction shorter than this fraction of its vector is breakdown: fp32 matvecs make anything less noise.
 _BREAKDOWN = 1e-6
 
 
 # ---------------------------------------------------------------------- the loop map
 @dataclass
 class LoopMap:
-    """The loop map F(h) = core(inject(h, e)) of `model` for fixed input ids, with its invariants.
-
-    `e` is the (normalised) prelude output, `drive`/`shared` the injection's loop invariants
-    (`Injection.prepare`), `value_embeds` the core blocks' value-embedding lookups (None for blocks
-    without one) and `cos`/`sin` the RoPE tables. Calling the map runs one loop iteration on a state
-    h of shape [B, L, d_state]; it is a pure function of h (gradients flow to h and the parameters).
-    """
+    """The loop map F(h) = `model.step(h, inputs)` for fixed input ids: one iteration on a state h
+    [B, L, d_state], a pure function of h (gradients flow to h and the parameters)."""
 
     model: Parcae
-    e: Tensor
-    drive: Tensor
-    shared: Tensor | None
-    value_embeds: tuple[Tensor | None, ...]
-    cos: Tensor
-    sin: Tensor
+    inputs: LoopInputs
 
     def __call__(self, h: Tensor) -> Tensor:
-        y = self.model.injection.step(h, self.drive, self.shared)
-        for block, value_embed in zip(self.model.core, self.value_embeds, strict=True):
-            y = block(y, self.cos, self.sin, value_embed)
-        return y
+        return self.model.step(h, self.inputs)
 
     def initial_state(self, seed: int = 0) -> Tensor:
-        """h₀ as the model draws it in eval (`state_init`, seeded): the state `model(ids, num_steps=T)` starts from."""
-        return self.model._initial_state(self.e, seed, None)
+        """h₀ as the model draws it in eval (seeded): the state `model(ids, num_steps=T)` starts from."""
+        return self.model.initial_state(self.inputs.e, seed, None)
 
     @torch.no_grad()
     def run(self, steps: int, h: Tensor | None = None) -> Tensor:
@@ -100,12 +59,8 @@ class LoopMap:
 
 
 def loop_map(model: Parcae, input_ids: Tensor) -> LoopMap:
-    """Factor the loop out of `model.forward`: prelude once (no gradient), then a callable core step.
-
-    Mirrors the data path of `Parcae.forward` up to the loop (embed → prelude → prelude norm →
-    `injection.prepare`) by calling the model's own submodules; `tests/test_stability.py` checks that
-    iterating the map reproduces the model's ‖h_T‖ and ‖h_T − h_{T−1}‖ exactly.
-    """
+    """The loop of `model` for `input_ids`: everything before it runs once, without gradient
+    (`Parcae.loop_inputs`)."""
     cfg = model.config
     if not cfg.is_looped:
         raise ValueError(f"{cfg.name} has no loop (n_core = 0), so it has no loop map.")
@@ -114,25 +69,25 @@ def loop_map(model: Parcae, input_ids: Tensor) -> LoopMap:
     if input_ids.shape[1] > cfg.max_seq_len:
         raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len {cfg.max_seq_len}.")
     with torch.no_grad():
-        cos, sin = model.rotary.tables(input_ids.shape[1])
-        value_embeds = {int(i): table(input_ids) for i, table in model.value_embeds.items()}
-        x = model.embed(input_ids)
-        for i, block in enumerate(model.prelude):
-            x = block(x, cos, sin, value_embeds.get(i))
-        e = model.prelude_norm(x) if model.prelude_norm is not None else x
-        drive, shared = model.injection.prepare(e)
-    core = tuple(value_embeds.get(cfg.n_prelude + j) for j in range(cfg.n_core))
-    return LoopMap(model=model, e=e, drive=drive, shared=shared, value_embeds=core, cos=cos, sin=sin)
+        return LoopMap(model=model, inputs=model.loop_inputs(input_ids))
 
 
-# ---------------------------------------------------------------------- attention override
-class _AttentionOverride(TorchFunctionMode):
-    """Replaces `F.scaled_dot_product_attention` by `composite_attention` (optionally token-local)."""
+class _WithAttention(TorchFunctionMode):
+    """The loop map with `F.scaled_dot_product_attention` replaced by `composite_attention` (optionally
+    token-local); checks that every core block called it."""
 
-    def __init__(self, token_local: bool) -> None:
+    def __init__(self, fmap: LoopMap, token_local: bool) -> None:
         super().__init__()
-        self.token_local = token_local
-        self.calls = 0
+        self.fmap, self.token_local, self.calls = fmap, token_local, 0
+
+    def __call__(self, h: Tensor) -> Tensor:
+        self.calls, blocks = 0, len(self.fmap.model.core)
+        with self:
+            out = self.fmap(h)
+        if self.calls != blocks:
+            why = "the Jacobian needs every cross-token interaction to go through that function"
+            raise RuntimeError(f"{self.calls} scaled_dot_product_attention calls for {blocks} core blocks; {why}.")
+        return out
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -154,14 +109,9 @@ def composite_attention(
     *,
     token_local: bool = False,
 ) -> Tensor:
-    """`scaled_dot_product_attention` written with plain ops, so every derivative (including the double
-    backward the Jacobian products use) exists, whatever kernel SDPA would pick.
-
-    `token_local=True` returns the same values but differentiates only through each query token's
-    *own* key and value: the other tokens' keys and values are detached, and token i's own k_i, v_i
-    re-enter through the zero-valued terms q_i·(k_i − k̂_i) and p_ii·(v_i − v̂_i) (k̂ = detached k).
-    The Jacobian of the result w.r.t. the inputs is then the block diagonal of the true one.
-    """
+    """`scaled_dot_product_attention` in plain ops, so every derivative (the double backward too) exists.
+    `token_local`: other tokens' keys and values are constants; token i's re-enter through the zero-valued terms
+    q_i·(k_i − k̂_i) and p_ii·(v_i − v̂_i) (k̂ = detached k)."""
     if attn_mask is not None or dropout_p:
         raise ValueError("the Jacobian attention supports neither attention masks nor dropout.")
     if enable_gqa and key.shape[-3] != query.shape[-3]:
@@ -171,8 +121,7 @@ def composite_attention(
     key_const, value_const = (key.detach(), value.detach()) if token_local else (key, value)
     scores = (query @ key_const.mT) * scale
     if token_local:
-        own = ((query * (key - key_const)).sum(-1) * scale).diag_embed()
-        scores = scores + own
+        scores = scores + ((query * (key - key_const)).sum(-1) * scale).diag_embed()
     if is_causal:
         if query.shape[-2] != key.shape[-2]:
             raise ValueError("the Jacobian attention needs as many queries as keys for causal attention.")
@@ -185,31 +134,9 @@ def composite_attention(
     return out
 
 
-def _with_attention(fmap: LoopMap, token_local: bool) -> Callable[[Tensor], Tensor]:
-    """The map with composite (optionally token-local) attention; checks every core block used it."""
-    expected = len(fmap.model.core)
-
-    def mapped(h: Tensor) -> Tensor:
-        mode = _AttentionOverride(token_local)
-        with mode:
-            out = fmap(h)
-        if mode.calls != expected:
-            raise RuntimeError(
-                f"the core made {mode.calls} scaled_dot_product_attention calls for {expected} blocks; the "
-                "Jacobian needs every cross-token interaction to go through that function."
-            )
-        return out
-
-    return mapped
-
-
 class Linearisation:
-    """J = ∂f/∂h at one point h, as products Jv and Jᵀw from reverse mode only (graphs kept, reused).
-
-    One forward pass builds y = f(h) and g(u) = Jᵀu with `create_graph=True` (g is linear in the
-    dummy u); then `vjp(w)` = Jᵀw is a backward pass through y's graph and `jvp(v)` = Jv = ∂⟨g(u), v⟩/∂u
-    a backward pass through g's graph. `autograd.grad` never touches the parameters' `.grad`.
-    """
+    """J = ∂f/∂h at h by reverse mode only, graphs built once: Jᵀw is a backward through y = f(h), Jv one through
+    g(u) = Jᵀu (Jv = ∂⟨g(u), v⟩/∂u). `autograd.grad` never touches the parameters' `.grad`."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor], h: Tensor) -> None:
         with torch.enable_grad():
@@ -226,24 +153,24 @@ class Linearisation:
         (product,) = torch.autograd.grad(self.out, self.point, w, retain_graph=True, allow_unused=True)
         return torch.zeros_like(self.point) if product is None else product
 
+    def gram(self, v: Tensor) -> Tensor:
+        return self.vjp(self.jvp(v))
 
-# ---------------------------------------------------------------------- Krylov estimates
+
+def _per_row(product: MatVec, h: Tensor, rows: int) -> MatVec:
+    """`product` on states shaped like `h`, as a map of `rows` flat vectors (one operator per row)."""
+    return lambda v: product(v.view_as(h)).reshape(rows, -1)
+
+
 @torch.no_grad()
 def krylov_spectral_radius(
     matvec: MatVec, start: Tensor, steps: int = 20, restarts: int = 2, keep: int = 4
 ) -> tuple[Tensor, Tensor]:
-    """Spectral radius of N independent D × D linear operators, batched: (radius [N], residual [N]).
+    """(radius [N], residual [N]) of N D × D operators, `matvec` [N, D] → [N, D], from a random `start` [N, D].
 
-    `matvec` maps a batch of vectors [N, D] to [N, D] (row n through operator n); `start` [N, D] is
-    the initial vector (it should have a component along the dominant eigenvectors: use a random one).
-    Arnoldi on the power iterates (`steps` matvecs, classical Gram–Schmidt applied twice), restarted
-    `restarts` times from the sum of the `keep` largest-modulus Ritz vectors (real and imaginary parts,
-    so a complex pair's invariant plane is kept; several of them, so that a run that has locked onto
-    a slightly smaller eigenvalue can still find a close larger one). `residual` is the relative
-    residual ‖Jy − θy‖ / |θ| (‖y‖ = 1) of the returned Ritz pair, computed with two extra matvecs:
-    small means converged. The Krylov basis and the small eigenproblems are float64; matvecs run in
-    `start`'s dtype.
-    """
+    Arnoldi on `steps` iterates (Gram–Schmidt twice), restarted from the sum of the `keep` largest Ritz vectors'
+    real and imaginary parts (a complex pair's plane is kept; several, so a run locked onto a slightly smaller
+    eigenvalue can still find a larger one). `residual` = ‖Jy − θy‖ / |θ|, ‖y‖ = 1: small means converged."""
     if start.dim() != 2:
         raise ValueError(f"start must have shape [problems, dimension], got {tuple(start.shape)}.")
     if steps < 1 or restarts < 0 or keep < 1:
@@ -283,9 +210,8 @@ def krylov_spectral_radius(
     # Residual of the returned pair: J·y − θ·y with y complex, via J·Re(y) and J·Im(y).
     theta = values[rows, top]
     image = torch.complex(matvec(leading.real.to(start.dtype)).double(), matvec(leading.imag.to(start.dtype)).double())
-    residual = (image - theta.unsqueeze(-1) * leading).abs().norm(dim=-1) / (
-        leading.abs().norm(dim=-1) * radius
-    ).clamp_min(1e-300)
+    error = (image - theta.unsqueeze(-1) * leading).abs().norm(dim=-1)
+    residual = error / (leading.abs().norm(dim=-1) * radius).clamp_min(1e-300)
     nan = torch.tensor(float("nan"), dtype=radius.dtype, device=radius.device)
     return torch.where(failed, nan, radius), torch.where(failed, nan, residual)
 
@@ -294,17 +220,12 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
 
 
-# ---------------------------------------------------------------------- the Jacobian spectrum
 @dataclass(frozen=True)
 class JacobianSpectrum:
-    """Spectrum of the loop map's Jacobian at the state h_T reached after `depth` iterations.
-
-    radius [B, L]: per-token ρ(J_ii); the full map's ρ(J) for sequence b is `radius[b].max()`.
-    residual [B, L]: relative Ritz residual of each radius estimate (convergence check).
-    block_norm [B, L]: ‖J_ii‖₂. map_norm [B]: ‖J‖₂ of each sequence's whole map (None if skipped).
-    rho_A: ρ(Ā) of the injection, for comparison (= ρ(J) when R̄ = 0).
-    state_norm: mean ‖h_T‖ per token at the evaluated state.
-    """
+    """Spectrum of the loop map's Jacobian at the state h_T reached after `depth` iterations: radius [B, L] is
+    the per-token ρ(J_ii) (its max over tokens is ρ(J) of sequence b), residual [B, L] the Ritz residual of each,
+    block_norm [B, L] ‖J_ii‖₂, map_norm [B] ‖J‖₂ of each sequence's map (None if skipped), rho_A ρ(Ā) of the
+    injection (= ρ(J) when R̄ = 0), state_norm the mean ‖h_T‖ per token."""
 
     depth: int
     radius: Tensor
@@ -344,49 +265,33 @@ def jacobian_spectrum(
     map_norm: bool = True,
     seed: int = 0,
 ) -> JacobianSpectrum:
-    """Spectrum of J = ∂F/∂h of the loop map at h_T, T = `depth` (default μ_rec) iterations from h₀.
-
-    h₀ is the model's eval-mode initial state (seed `seed`), or pass `state` to evaluate at any h.
-    `steps`/`restarts` set the Krylov work (per estimate: (restarts + 1) · steps + 2 products Jv, each
-    about one backward pass); `norms=False` skips ‖J_ii‖₂ and `map_norm=False` the whole-map ‖J‖₂
-    (each adds `steps` products JᵀJv and one forward pass). The model is put in eval mode for the computation and
-    restored; no gradients are accumulated and the global RNG is not consumed.
-    """
-    was_training = model.training
-    model.eval()
-    try:
+    """Spectrum of J = ∂F/∂h at h_T, `depth` (default μ_rec) iterations from the seeded h₀, or at `state`.
+    `steps`/`restarts` set the Krylov work; `norms`/`map_norm` = False skip ‖J_ii‖₂ / ‖J‖₂. Runs in eval mode,
+    accumulates no gradients and leaves the global RNG alone."""
+    with evaluating(model):
         fmap = loop_map(model, input_ids)
         depth = model.config.mean_recurrence if depth is None else depth
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative integer, got {depth!r}.")
-        h = fmap.run(depth) if state is None else state.to(fmap.drive.dtype)
-        expected = (*fmap.drive.shape[:-1], model.config.d_state)
+        h = fmap.run(depth) if state is None else state.to(fmap.inputs.drive.dtype)
+        expected = (*fmap.inputs.drive.shape[:-1], model.config.d_state)
         if tuple(h.shape) != expected:
             raise ValueError(f"state must have shape {expected}, got {tuple(h.shape)}.")
         if not bool(torch.isfinite(h).all()):
             raise ValueError(f"the state after {depth} iterations is not finite, so its Jacobian is undefined.")
         batch, seq_len, width = h.shape
         generator = torch.Generator(device=h.device).manual_seed(seed)
-        local = Linearisation(_with_attention(fmap, token_local=True), h)
-
-        def blocks(v: Tensor) -> Tensor:  # [B·L, S] → J_ii v_i for every token
-            return local.jvp(v.view_as(h)).reshape(batch * seq_len, width)
-
-        def block_gram(v: Tensor) -> Tensor:  # J_iiᵀ J_ii v_i
-            return local.vjp(local.jvp(v.view_as(h))).reshape(batch * seq_len, width)
-
+        local = Linearisation(_WithAttention(fmap, token_local=True), h)
         start = torch.randn(batch * seq_len, width, generator=generator, device=h.device, dtype=h.dtype)
-        radius, residual = krylov_spectral_radius(blocks, start, steps, restarts)
+        # The token-local map gives J_ii v_i for every token at once: one operator per row of `start`.
+        radius, residual = krylov_spectral_radius(_per_row(local.jvp, h, batch * seq_len), start, steps, restarts)
         block_norm = torch.full_like(radius, float("nan"))
         if norms:
+            block_gram = _per_row(local.gram, h, batch * seq_len)
             block_norm = krylov_spectral_radius(block_gram, start, steps, restarts=0)[0].sqrt()
         whole = None
         if map_norm:
-            full = Linearisation(_with_attention(fmap, token_local=False), h)
-
-            def gram(v: Tensor) -> Tensor:  # JᵀJ v for each sequence's whole map
-                return full.vjp(full.jvp(v.view_as(h))).reshape(batch, seq_len * width)
-
+            gram = _per_row(Linearisation(_WithAttention(fmap, token_local=False), h).gram, h, batch)
             seq_start = torch.randn(batch, seq_len * width, generator=generator, device=h.device, dtype=h.dtype)
             whole = krylov_spectral_radius(gram, seq_start, steps, restarts=0)[0].sqrt()
         return JacobianSpectrum(
@@ -398,5 +303,3 @@ def jacobian_spectrum(
             rho_A=float(model.injection.spectral_radius()),
             state_norm=float(h.float().norm(dim=-1).mean()),
         )
-    finally:
-        model.train(was_training)

@@ -1,27 +1,10 @@
-"""Hugging Face transformers integration: `ParcaeHFConfig` and `ParcaeForCausalLM`, registered with the Auto classes.
+"""Hugging Face transformers integration: `ParcaeHFConfig` and `ParcaeForCausalLM`, registered with the Auto classes
+on import (no trust_remote_code; README "Hugging Face").
 
-    import parcae.interop.hf                # registers model_type "parcae" with AutoConfig / AutoModelForCausalLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained("out/")       # no trust_remote_code needed
-    tok = AutoTokenizer.from_pretrained("out/")                # a PreTrainedTokenizerFast
-    ids = torch.tensor([[tok.bos_token_id, *tok.encode("def fib(")]])
-    out = model.generate(ids, max_new_tokens=50, do_sample=True, top_k=50, num_steps=16, seed=0)
-
-Design. The HF model wraps a plain `Parcae` (`model.model`) and one directory layout serves every loader:
-`config.json` holds our `ParcaeConfig` fields plus transformers' `model_type`/`architectures` (which our own
-loader skips), `model.safetensors` holds our state dict with the tied head stored once, `generation_config.json`
-holds the sampling defaults (plus `num_steps` and `vocab_limit`), and `tokenizer.json`/`tokenizer_config.json`
-make a `PreTrainedTokenizerFast`. `save_pretrained`/`from_pretrained` therefore go through `Parcae`'s own strict
-safetensors loader rather than transformers' generic one: the same checks (every tensor, every shape) on both
-paths, and no dependence on how a transformers version renames or ties weights. Hub ids are resolved with
-`huggingface_hub.snapshot_download` (not exercised by the tests, which run offline).
-
-Generation is delegated to Parcae's own KV-cached sampler (`Parcae.generate`: the looped model keeps K/V per
-core iteration, which HF's cache classes do not model). Honoured options: `max_new_tokens` / `max_length`,
-`do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id` (one id or several; finished rows are padded with
-`pad_token_id` as in HF), `pad_token_id`, `attention_mask` (left padding), plus Parcae's `num_steps` (test-time
-depth), `seed`, `vocab_limit`, `kv_policy`, `exit` and `state_seed`. Anything that would change the result and
-is not honoured (beam search, repetition penalties, min lengths, …) raises a ValueError.
+The HF model wraps a plain `Parcae` (`model.model`) and saves/loads through its strict safetensors loader, not
+transformers' generic one: the same checks on every path, whatever a transformers version renames or ties.
+Generation is `Parcae.generate` (K/V per core iteration, which HF's caches do not model); options that would
+change the result and are not honoured raise a ValueError rather than being ignored.
 """
 
 from __future__ import annotations
@@ -36,91 +19,48 @@ from torch import Tensor
 
 try:
     import transformers
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        GenerationConfig,
-        GenerationMixin,
-        PretrainedConfig,
-        PreTrainedModel,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
     from transformers.modeling_outputs import CausalLMOutputWithPast
 except ImportError as err:  # an optional dependency: say how to get it
     raise ImportError("parcae.interop.hf needs Hugging Face transformers: pip install 'parcae-looped[hf]'") from err
 
+from ..data.tokenizer import BOS, EOS, PAD
 from ..model.config import ParcaeConfig
 from ..model.parcae import IGNORE_INDEX, Parcae
-from .official import (
-    HF_GENERATION_CONFIG,
-    HF_MODEL_TYPE,
-    byte_level_tokenizer_json,
-    is_parcae_lm_directory,
-    load_parcae_lm,
-    write_hf_config,
-)
+from .hf_directory import HF_GENERATION_CONFIG, HF_MODEL_TYPE, byte_level_tokenizer_json, write_hf_config
+from .official_files import is_parcae_lm_directory, load_parcae_lm
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(ParcaeConfig))
 
-# Sampling options we do not implement, with the values that leave generation unchanged (None = unset in
-# transformers ≥ 5, where every GenerationConfig field defaults to None).
+# Sampling options we do not implement, with the values that leave generation unchanged (besides None: unset in
+# transformers ≥ 5).
 _NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "num_beams": (1,),
-    "num_beam_groups": (1,),
-    "num_return_sequences": (1,),
-    "min_p": (),
-    "typical_p": (1.0,),
-    "epsilon_cutoff": (0.0,),
-    "eta_cutoff": (0.0,),
-    "top_h": (),
-    "repetition_penalty": (1.0,),
-    "encoder_repetition_penalty": (1.0,),
-    "no_repeat_ngram_size": (0,),
-    "min_length": (0,),
-    "min_new_tokens": (0,),
-    "penalty_alpha": (),
-    "diversity_penalty": (0.0,),
-    "bad_words_ids": (),
-    "force_words_ids": (),
-    "sequence_bias": (),
-    "suppress_tokens": (),
-    "begin_suppress_tokens": (),
-    "forced_bos_token_id": (),
-    "forced_eos_token_id": (),
-    "exponential_decay_length_penalty": (),
-    "guidance_scale": (1.0,),
-    "max_time": (),
-    "stop_strings": (),
-    "watermarking_config": (),
-    "output_scores": (False,),
-    "output_logits": (False,),
-    "output_attentions": (False,),
-    "output_hidden_states": (False,),
+    **dict.fromkeys(("num_beams", "num_beam_groups", "num_return_sequences"), (1,)),
+    **dict.fromkeys(("typical_p", "repetition_penalty", "encoder_repetition_penalty", "guidance_scale"), (1.0,)),
+    **dict.fromkeys(("epsilon_cutoff", "eta_cutoff", "diversity_penalty"), (0.0,)),
+    **dict.fromkeys(("no_repeat_ngram_size", "min_length", "min_new_tokens"), (0,)),
+    **dict.fromkeys(("output_scores", "output_logits", "output_attentions", "output_hidden_states"), (False,)),
     "return_dict_in_generate": (False,),
+    **dict.fromkeys(("min_p", "top_h", "penalty_alpha", "bad_words_ids", "force_words_ids", "sequence_bias"), ()),
+    **dict.fromkeys(("suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id"), ()),
+    **dict.fromkeys(("exponential_decay_length_penalty", "max_time", "stop_strings", "watermarking_config"), ()),
 }
 # Arguments of the generic loading/saving API that do not apply to a single-file Parcae model.
-_IGNORED_LOAD_KWARGS = {"_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs", "low_cpu_mem_usage",
-                        "attn_implementation", "use_safetensors", "output_loading_info", "code_revision"}  # fmt: skip
+_IGNORED_LOAD_KWARGS = {"_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs", "low_cpu_mem_usage"}
+_IGNORED_LOAD_KWARGS |= {"attn_implementation", "use_safetensors", "output_loading_info", "code_revision"}
 # Parcae's own generation options, passed through `generate(**kwargs)`.
 _PARCAE_OPTIONS = ("num_steps", "seed", "vocab_limit", "kv_policy", "exit", "state_seed")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
-class ParcaeHFConfig(PretrainedConfig):
-    """A `ParcaeConfig` as a transformers config: the same fields (validated by ParcaeConfig), `model_type` "parcae".
-
-    Standard HF names map onto ours (`hidden_size` → d_model, `num_attention_heads` → n_heads, …).
-    """
+class ParcaeHFConfig(transformers.PretrainedConfig):
+    """A `ParcaeConfig` (same fields, same validation) as a transformers config; HF names map onto ours."""
 
     model_type = HF_MODEL_TYPE
-    attribute_map = {  # noqa: RUF012 - transformers declares this class attribute as a plain dict
-        "hidden_size": "d_model",
-        "num_attention_heads": "n_heads",
-        "num_key_value_heads": "n_kv_heads",
-        "intermediate_size": "d_mlp",
-        "max_position_embeddings": "max_seq_len",
-        "tie_word_embeddings": "tie_embeddings",
-    }
+    # transformers' standard names → ours (transformers declares this class attribute as a plain dict)
+    attribute_map = {"hidden_size": "d_model", "num_attention_heads": "n_heads"}  # noqa: RUF012
+    attribute_map |= {"num_key_value_heads": "n_kv_heads", "intermediate_size": "d_mlp"}
+    attribute_map |= {"max_position_embeddings": "max_seq_len", "tie_word_embeddings": "tie_embeddings"}
 
     def __init__(self, **kwargs: Any) -> None:
         ours = {name: kwargs.pop(name) for name in _FIELDS if name in kwargs}
@@ -147,7 +87,7 @@ class ParcaeHFConfig(PretrainedConfig):
         return {**self.to_parcae_config().to_dict(), "model_type": self.model_type, **extra}
 
 
-class ParcaeForCausalLM(PreTrainedModel, GenerationMixin):
+class ParcaeForCausalLM(transformers.PreTrainedModel, transformers.GenerationMixin):
     """A causal LM around `Parcae`; `forward(..., num_steps=T)` and `generate(..., num_steps=T)` set the depth."""
 
     config_class = ParcaeHFConfig
@@ -176,7 +116,6 @@ class ParcaeForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.lm_head
 
-    # ------------------------------------------------------------------ forward
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -187,12 +126,12 @@ class ParcaeForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple[Tensor, ...]:
         """Logits [B, L, V]; with `labels` (HF convention: the input ids, shifted inside) the mean next-token CE."""
-        unsupported = ("inputs_embeds", "past_key_values", "position_ids", "cache_position", "output_attentions",
-                       "output_hidden_states")  # fmt: skip
-        _reject(kwargs, unsupported, "forward")
+        unsupported = ("inputs_embeds", "past_key_values", "position_ids", "cache_position")
+        _reject(kwargs, (*unsupported, "output_attentions", "output_hidden_states"), "forward")
         if input_ids is None:
             raise ValueError("ParcaeForCausalLM needs input_ids.")
-        _check_attention_mask(attention_mask)
+        if attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
+            raise ValueError("padding (attention_mask with zeros) is not supported; pass prompts of equal length.")
         targets = None
         if labels is not None:
             targets = labels.new_full(labels.shape, IGNORE_INDEX)
@@ -202,12 +141,14 @@ class ParcaeForCausalLM(PreTrainedModel, GenerationMixin):
             return (out.loss, out.logits) if out.loss is not None else (out.logits,)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
 
-    # ------------------------------------------------------------------ generate
     @torch.no_grad()
     def generate(
         self, inputs: Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs: Any
     ) -> Tensor:
-        """Sample with Parcae's generator (see the module docstring for the honoured options)."""
+        """Sample with `Parcae.generate`. Honoured: `max_new_tokens` / `max_length`, `do_sample`, `temperature`,
+        `top_k`, `top_p`, `eos_token_id` (one id or several; finished rows are padded with `pad_token_id` as in
+        HF), `pad_token_id`, `attention_mask` (left padding), and Parcae's `num_steps` (test-time depth), `seed`,
+        `vocab_limit`, `kv_policy`, `exit` and `state_seed`."""
         input_ids = kwargs.pop("input_ids", inputs)
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError("generate() needs input_ids as a [batch, length] tensor.")
@@ -219,35 +160,30 @@ class ParcaeForCausalLM(PreTrainedModel, GenerationMixin):
         unknown = config.update(**kwargs)
         if unknown:
             raise ValueError(f"generate() does not take {', '.join(sorted(unknown))}.")
-        _reject_unsupported(config)
+        values = {name: getattr(config, name, None) for name in _NEUTRAL_OPTIONS}
+        bad = [f"{k}={v!r}" for k, v in values.items() if v is not None and v not in _NEUTRAL_OPTIONS[k]]
+        if bad:
+            raise ValueError(f"ParcaeForCausalLM.generate does not implement {', '.join(bad)}.")
 
-        prompt = input_ids.shape[1]
         max_new = config.max_new_tokens
         if max_new is None:
-            max_new = (config.max_length if config.max_length is not None else 20) - prompt
+            max_new = (config.max_length if config.max_length is not None else 20) - input_ids.shape[1]
         stops = config.eos_token_id
         stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
         pad_id = config.pad_token_id if config.pad_token_id is not None else (stops[0] if stops else 0)
-        do_sample = bool(config.do_sample)
-        top_k = 50 if config.top_k is None else config.top_k  # transformers' defaults
-        top_p = 1.0 if config.top_p is None else config.top_p
         for name in ("num_steps", "vocab_limit"):  # defaults saved in generation_config.json
             if name not in ours and getattr(config, name, None) is not None:
                 ours[name] = getattr(config, name)
-        return sample_tokens(
-            self.model,
-            input_ids,
-            max(0, max_new),
-            temperature=(1.0 if config.temperature is None else config.temperature) if do_sample else 0.0,
-            top_k=(top_k or None) if do_sample else None,
-            top_p=(top_p if top_p < 1.0 else None) if do_sample else None,
-            stop=stops or None,
-            attention_mask=attention_mask,
-            pad_id=pad_id,
-            **ours,
-        )
+        ours.update(stop=stops or None, attention_mask=attention_mask, pad_id=pad_id)
+        if config.do_sample:
+            top_k = 50 if config.top_k is None else config.top_k  # transformers' defaults
+            top_p = 1.0 if config.top_p is None else config.top_p
+            temperature = 1.0 if config.temperature is None else config.temperature
+            ours.update(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1.0 else None)
+        else:
+            ours.update(temperature=0.0, top_k=None, top_p=None)
+        return sample_tokens(self.model, input_ids, max(0, max_new), **ours)
 
-    # ------------------------------------------------------------------ persistence
     def save_pretrained(
         self,
         save_directory: str | Path,
@@ -310,9 +246,8 @@ class ParcaeForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def sample_tokens(model: Parcae, input_ids: Tensor, max_new_tokens: int, **options: Any) -> Tensor:
-    """The one call from transformers' `generate` into Parcae's generation: [B, L + N] ids, `pad_id` after a
-    row stopped. `options` are `Parcae.generate`'s keyword arguments (num_steps, temperature, top_k, top_p,
-    stop, seed, attention_mask, vocab_limit, pad_id, kv_policy, exit, state_seed)."""
+    """The one call from `generate` into Parcae's: [B, L + N] ids (`pad_id` after a row stopped); `options` are
+    `Parcae.generate`'s keyword arguments."""
     return model.generate(input_ids, max_new_tokens, **options).tokens
 
 
@@ -320,15 +255,12 @@ def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerFast:
     """One of our tokenizers as a `PreTrainedTokenizerFast` (the byte tokenizer as the equivalent byte-level BPE)."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from ..data.tokenizer import BOS, EOS, PAD
-
     backend = HFTokenizer.from_str(byte_level_tokenizer_json()) if tokenizer.kind == "byte" else tokenizer.hf
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, split_special_tokens=True
     )
 
 
-# ---------------------------------------------------------------------- helpers
 def _reject(kwargs: dict[str, Any], names: tuple[str, ...], where: str) -> None:
     """ValueError for arguments in `names` that are set (not None/False), naming them."""
     bad = sorted(name for name in names if kwargs.get(name) is not None and kwargs.get(name) is not False)
@@ -336,26 +268,10 @@ def _reject(kwargs: dict[str, Any], names: tuple[str, ...], where: str) -> None:
         raise ValueError(f"ParcaeForCausalLM.{where} does not support {', '.join(bad)}.")
 
 
-def _check_attention_mask(mask: Tensor | None) -> None:
-    if mask is not None and not bool(torch.as_tensor(mask).all()):
-        raise ValueError("padding (attention_mask with zeros) is not supported; pass prompts of equal length.")
-
-
-def _reject_unsupported(config: GenerationConfig) -> None:
-    bad = []
-    for name, neutral in _NEUTRAL_OPTIONS.items():
-        value = getattr(config, name, None)
-        if value is not None and value not in neutral:
-            bad.append(f"{name}={value!r}")
-    if bad:
-        raise ValueError(f"ParcaeForCausalLM.generate does not implement {', '.join(bad)}.")
-
-
 def _local_directory(name_or_path: str | Path, hub: dict[str, Any]) -> Path:
     path = Path(name_or_path)
     if path.is_dir():
-        subfolder = hub.get("subfolder") or ""
-        return path / subfolder
+        return path / (hub.get("subfolder") or "")
     if path.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
         raise FileNotFoundError(f"{name_or_path} is not a model directory (or a hub id like 'org/name').")
     from huggingface_hub import snapshot_download
@@ -367,30 +283,26 @@ def _local_directory(name_or_path: str | Path, hub: dict[str, Any]) -> Path:
 
 
 def _device(device_map: str | torch.device | dict | None) -> torch.device:
-    if device_map is None:
-        return torch.device("cpu")
     if isinstance(device_map, dict):
         raise ValueError("device_map dicts (model sharding) are not supported; pass one device such as 'cuda'.")
     if device_map == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device_map)
+    return torch.device(device_map or "cpu")
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or dtype == "auto":
         return None  # as saved (our checkpoints are fp32)
-    if isinstance(dtype, str):
-        value = getattr(torch, dtype, None)
-        if not isinstance(value, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}.")
-        return value
-    return dtype
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}.")
+    return value
 
 
 def register() -> None:
     """Make AutoConfig / AutoModelForCausalLM resolve model_type "parcae" (done on import)."""
-    AutoConfig.register(HF_MODEL_TYPE, ParcaeHFConfig, exist_ok=True)
-    AutoModelForCausalLM.register(ParcaeHFConfig, ParcaeForCausalLM, exist_ok=True)
+    transformers.AutoConfig.register(HF_MODEL_TYPE, ParcaeHFConfig, exist_ok=True)
+    transformers.AutoModelForCausalLM.register(ParcaeHFConfig, ParcaeForCausalLM, exist_ok=True)
 
 
 register()

@@ -1,30 +1,13 @@
-"""An lm-evaluation-harness model, `parcae`, scoring and generating at a fixed test-time depth.
+"""An lm-evaluation-harness model, `parcae`, scoring and generating at a fixed test-time depth (README).
 
-Registration. lm-eval (0.4.x) fills its model registry by imports and reads no plugin entry points, so
-importing this module registers `parcae`. Two documented ways to use it:
-
-    python -m parcae.interop.lm_eval --model parcae --model_args path=runs/tiny,num_steps=8 --tasks lambada_openai
-        (exactly `lm_eval`'s command line; this module registers the model, then runs lm-eval's CLI)
-
-    import lm_eval, parcae.interop.lm_eval
-    lm_eval.simple_evaluate(model="parcae", model_args="path=runs/tiny,num_steps=8", tasks=["lambada_openai"])
-
-model_args: `path` (a run or save_pretrained directory), `num_steps` (the depth T, default μ_rec; always
-fixed, never sampled), `state_seed` (h₀, default 0), `checkpoint`, `max_length` (default the model's
-context), `max_gen_toks` (default 256); `--batch_size N` and `--device` are the harness's own flags.
-
-Behaviour. Every sequence starts with `<|bos|>` (how Parcae documents start in training); an empty
-context is the BOS alone. `loglikelihood` and `loglikelihood_rolling` are batched through
-`parcae.eval.scoring` (requests with the same context run it once through the KV cache, the others sorted by
-length, right-padded, loss masked); rolling windows are lm-eval's own
-disjoint windows of `max_length` tokens. `generate_until` is batched greedy decoding with
-`parcae.model.generate` (KV cache, left-padded prompts truncated to `max_length − max_gen_toks`); a row
-stops at a stop string, at a special token (a document boundary) or after `max_gen_toks` tokens.
-Sampling is refused: the harness's scores should be reproducible.
+lm-eval (0.4.x) reads no plugin entry points: importing this module registers `parcae`, and
+`python -m parcae.interop.lm_eval ARGS` is lm-eval's command line with it. Every sequence starts with `<|bos|>`,
+as Parcae documents do in training; generation is greedy only, so that the harness's scores are reproducible.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 from collections.abc import Sequence
@@ -42,8 +25,10 @@ except ImportError as err:  # an optional dependency
 from tqdm.auto import tqdm
 
 from ..data.tokenizer import Tokenizer
+from ..device import resolve_device
 from ..eval.scoring import Row, evaluating, make_row, model_device, score_groups
 from ..model.parcae import Parcae
+from ..train.run import open_run
 
 DEFAULT_BATCH_SIZE = 16
 logger = logging.getLogger(__name__)
@@ -71,9 +56,6 @@ class ParcaeLM(TemplateLM):
         if (path is None) == (model is None) or (model is not None and tokenizer is None):
             raise ValueError("ParcaeLM needs either path=RUN or both model= and tokenizer=.")
         if path is not None:
-            from ..device import resolve_device
-            from ..train.run import open_run
-
             if device and device.startswith("cuda") and not torch.cuda.is_available():
                 # lm-eval's command line asks for cuda:0 unless told otherwise; fall back, as its own models do.
                 logger.warning("CUDA is not available; the parcae model runs on the CPU.")
@@ -87,14 +69,18 @@ class ParcaeLM(TemplateLM):
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
         self.state_seed = int(state_seed)
-        self._batch_size = _batch_size(batch_size)
+        # No automatic batch-size search ("auto"): batches are small and sorted by length.
+        self._batch_size = (
+            DEFAULT_BATCH_SIZE if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
+        )
+        if self._batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         self._max_length = cfg.max_seq_len if max_length is None else int(max_length)
         if not 2 <= self._max_length <= cfg.max_seq_len:
             raise ValueError(f"max_length must lie in [2, {cfg.max_seq_len}] (the model's context), got {max_length}.")
         self.max_gen_toks = int(max_gen_toks)
         self._device = model_device(model)
 
-    # ------------------------------------------------------------------ what lm-eval asks of a model
     @property
     def eot_token_id(self) -> int:
         return self.tok.bos_id  # documents are delimited by BOS in Parcae's data
@@ -111,6 +97,16 @@ class ParcaeLM(TemplateLM):
     def batch_size(self) -> int:
         return self._batch_size
 
+    @property
+    def _shared(self) -> dict[str, Any]:
+        """The settings of both scoring and generation: depth, h₀ seed, padding and the tokenizer's vocabulary."""
+        return {
+            "num_steps": self.num_steps,
+            "state_seed": self.state_seed,
+            "pad_id": self.tok.pad_id,
+            "vocab_limit": self.tok.vocab_size,
+        }
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """Token ids of `string`, with a leading BOS unless `add_special_tokens` is False."""
         ids = self.tok.encode(string)
@@ -121,18 +117,16 @@ class ParcaeLM(TemplateLM):
 
     def get_model_info(self) -> dict[str, Any]:
         cfg = self.model.config
-        return {"model": cfg.name, "num_steps": self.num_steps if cfg.is_looped else None,
-                "state_seed": self.state_seed}  # fmt: skip
+        num_steps = self.num_steps if cfg.is_looped else None
+        return {"model": cfg.name, "num_steps": num_steps, "state_seed": self.state_seed}
 
-    # ------------------------------------------------------------------ scoring
     def _score(self, rows: Sequence[Row | None], desc: str, disable_tqdm: bool) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) per row, batched; a None row (nothing to score) gives (0.0, True)."""
         present = [i for i, row in enumerate(rows) if row is not None]
         out = [(0.0, True)] * len(rows)
         with tqdm(total=len(present), desc=desc, disable=disable_tqdm) as bar:
-            scores = score_groups(self.model, [[rows[i]] for i in present], batch_size=self.batch_size,
-                                  num_steps=self.num_steps, state_seed=self.state_seed, pad_id=self.tok.pad_id,
-                                  vocab_limit=self.tok.vocab_size, on_batch=bar.update)  # fmt: skip
+            groups = [[rows[i]] for i in present]
+            scores = score_groups(self.model, groups, batch_size=self.batch_size, on_batch=bar.update, **self._shared)
         for i, (score,) in zip(present, scores, strict=True):
             out[i] = (-score.nll, score.greedy)
         return out
@@ -140,8 +134,7 @@ class ParcaeLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
-        rows = [make_row(context, continuation, self.max_length)[0] if continuation else None
-                for _, context, continuation in requests]  # fmt: skip
+        rows = [make_row(ctx, cont, self.max_length)[0] if cont else None for _, ctx, cont in requests]
         results = self._score(rows, "parcae loglikelihood", disable_tqdm)
         for (pair, _, _), result in zip(requests, results, strict=True):
             if pair is not None:
@@ -151,8 +144,8 @@ class ParcaeLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         owners, rows = [], []
         for r, (string,) in enumerate(req.args for req in requests):
-            windows = get_rolling_token_windows(self.tok_encode(string, add_special_tokens=False),
-                                                self.prefix_token_id, self.max_length, 1)  # fmt: skip
+            tokens = self.tok_encode(string, add_special_tokens=False)
+            windows = get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, 1)
             for context, continuation in map(make_disjoint_window, windows):
                 rows.append(make_row(context, continuation, self.max_length)[0])
                 owners.append(r)
@@ -163,7 +156,6 @@ class ParcaeLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
-    # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         jobs = []
         for context, gen_kwargs in (req.args for req in requests):
@@ -174,20 +166,18 @@ class ParcaeLM(TemplateLM):
             if budget < 1:
                 raise ValueError(f"max_gen_toks must be a positive integer, got {budget}.")
             if budget >= self.max_length:  # e.g. lm-eval's default 256 with a 256-token model: keep one context token
-                logger.warning("max_gen_toks %d does not fit the %d-token context; using %d.", budget,
-                               self.max_length, self.max_length - 1)  # fmt: skip
-                budget = self.max_length - 1
+                fit = self.max_length - 1
+                logger.warning("max_gen_toks %d does not fit the %d-token context; using %d.", budget, fit + 1, fit)
+                budget = fit
             ids = self.tok_encode(context)[-(self.max_length - budget) :]
             jobs.append((ids, budget, [s for s in kwargs["until"] if s]))
         outputs = [""] * len(jobs)
         # Rows of a batch share one budget, so left-padded prompt + budget always fits the context.
         order = sorted(range(len(jobs)), key=lambda j: (jobs[j][1], -len(jobs[j][0])))
         batches: list[list[int]] = []
-        for j in order:
-            if batches and len(batches[-1]) < self.batch_size and jobs[batches[-1][0]][1] == jobs[j][1]:
-                batches[-1].append(j)
-            else:
-                batches.append([j])
+        for _, group in itertools.groupby(order, key=lambda j: jobs[j][1]):
+            same = list(group)
+            batches += [same[k : k + self.batch_size] for k in range(0, len(same), self.batch_size)]
         with tqdm(total=len(jobs), desc="parcae generate_until", disable=disable_tqdm) as bar:
             for batch in batches:
                 for j, text in zip(batch, self._greedy([jobs[j] for j in batch]), strict=True):
@@ -198,17 +188,15 @@ class ParcaeLM(TemplateLM):
 
     def _greedy(self, jobs: list[tuple[list[int], int, list[str]]]) -> list[str]:
         """Greedy continuations of a batch of (context ids, max new tokens, stop strings), one budget for all:
-        `parcae.model.generate` (KV cache, left padding), stopped once every row has met a stop string."""
-        from ..model.generate import generate
-
+        `Parcae.generate` (KV cache, left padding), stopped once every row has met a stop string."""
         specials = [self.tok.bos_id, self.tok.eos_id, self.tok.pad_id]
         new: list[list[int]] = [[] for _ in jobs]
         texts = [""] * len(jobs)
         done = [False] * len(jobs)
         with evaluating(self.model):
-            stream = generate(self.model, [ids for ids, _, _ in jobs], jobs[0][1], num_steps=self.num_steps,
-                              temperature=0.0, stop=specials, vocab_limit=self.tok.vocab_size, pad_id=self.tok.pad_id,
-                              state_seed=self.state_seed, stream=True)  # fmt: skip
+            stream = self.model.generate(
+                [ids for ids, _, _ in jobs], jobs[0][1], temperature=0.0, stop=specials, stream=True, **self._shared
+            )
             for step in stream:
                 for i, token in enumerate(step.tokens.tolist()):
                     if done[i]:
@@ -228,15 +216,6 @@ def _cut(text: str, stops: Sequence[str]) -> str:
     """`text` up to the first occurrence of any stop string."""
     positions = [text.find(s) for s in stops if s in text]
     return text[: min(positions)] if positions else text
-
-
-def _batch_size(value: int | str | None) -> int:
-    if value is None or (isinstance(value, str) and value.startswith("auto")):
-        return DEFAULT_BATCH_SIZE  # no automatic batch-size search: batches are small and sorted by length
-    size = int(value)
-    if size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {value!r}.")
-    return size
 
 
 def main(argv: Sequence[str] | None = None) -> None:

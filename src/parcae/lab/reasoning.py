@@ -1,18 +1,11 @@
-"""`parcae lab reasoning`: does looping turn extra iterations into extra sequential reasoning?
+"""`parcae lab reasoning` (README § Reasoning lab): does looping turn extra iterations into sequential reasoning?
 
-Trains three models on the same synthetic examples in the same order — Parcae (`parcae-tiny` shape), a
-fixed-depth Transformer with the same parameters, and a deeper Transformer with about the same training
-FLOPs per token — then measures exact-match accuracy per difficulty, inside and beyond the training range,
-and for Parcae per test-time depth T = 1 … 3·μ_rec.
-
-Training uses the answer tokens only as targets (the prompts are random instances, so predicting them
-teaches nothing); rows are right-padded to the longest training example. Exact match is scored with
-teacher forcing: the example is correct iff the argmax at every answer position is the answer token,
-which is exactly greedy decoding's result, computed in one batched forward.
+Exact match is scored with teacher forcing: argmax at every answer position equals greedy decoding's result.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -28,7 +21,8 @@ from ..data.tokenizer import ByteTokenizer
 from ..model.config import ParcaeConfig, get_preset
 from ..model.exit import ExitCriterion
 from ..model.parcae import IGNORE_INDEX, Parcae
-from ..train.optim import OptimizerSettings, build_optimizer
+from ..train.config import TrainConfig
+from ..train.optim import build_optimizer
 from ..train.schedule import lr_multiplier
 from .tasks import Example, get_task, make_splits
 
@@ -92,7 +86,7 @@ def train_model(
 ) -> None:
     torch.manual_seed(seed)
     model = contestant.model = Parcae(contestant.config)
-    optimizer = build_optimizer(model, OptimizerSettings(kind="adamw", lr=lr, adam_betas=(0.9, 0.95)))
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", lr=lr, adam_beta1=0.9, adam_beta2=0.95))
     generator = torch.Generator().manual_seed(seed)  # the same batches for every contestant
     model.train()
     start = time.perf_counter()
@@ -112,12 +106,6 @@ def train_model(
 
 
 @torch.no_grad()
-def exact_match(model: Parcae, data: EncodedSet, depth: int | None, batch_size: int = 256) -> Tensor:
-    """Per-example correctness [N] (bool) at test-time depth `depth` (ignored by a fixed-depth model)."""
-    return exact_match_by_depth(model, data, [depth or model.config.mean_recurrence], batch_size)[0]
-
-
-@torch.no_grad()
 def exact_match_by_depth(model: Parcae, data: EncodedSet, depths: Sequence[int], batch_size: int = 256) -> list[Tensor]:
     """Per-example correctness [N] at each depth, from one run of the loop per batch (`Parcae.logits_by_depth`)."""
     model.eval()
@@ -134,11 +122,8 @@ def exact_match_by_depth(model: Parcae, data: EncodedSet, depths: Sequence[int],
 def exact_match_with_exit(
     model: Parcae, data: EncodedSet, criterion: ExitCriterion, max_steps: int, batch_size: int = 256
 ) -> tuple[Tensor, Tensor]:
-    """(correct [N], mean core iterations over each example's answer positions [N]) with adaptive exit.
-
-    One cached forward per batch over prompt + answer (teacher forcing): every token stops iterating on its own
-    when the criterion holds (at most `max_steps`); right padding comes after the answer, so it cannot affect it.
-    """
+    """(correct [N], mean core iterations over each example's answer positions [N]) with adaptive exit, from one
+    cached forward per batch (teacher forcing); the right padding comes after the answer, so cannot affect it."""
     model.eval()
     correct, iterations = [], []
     for start in range(0, len(data), batch_size):
@@ -151,8 +136,9 @@ def exact_match_with_exit(
     return torch.cat(correct), torch.cat(iterations).float()
 
 
-def accuracy_table(correct: Tensor, difficulty: Tensor, difficulties: Sequence[int]) -> dict[int, float]:
-    return {d: float(correct[difficulty == d].float().mean()) for d in difficulties if bool((difficulty == d).any())}
+def accuracy_table(values: Tensor, difficulty: Tensor, difficulties: Sequence[int]) -> dict[int, float]:
+    """The mean of `values` (correctness, or iterations used) per difficulty that has test examples."""
+    return {d: float(values[difficulty == d].float().mean()) for d in difficulties if bool((difficulty == d).any())}
 
 
 def run_reasoning_lab(
@@ -178,17 +164,12 @@ def run_reasoning_lab(
         task, train_difficulties, test_difficulties, train_per_difficulty, test_per_difficulty, seed
     )
     train_set = encode(train_examples, tokenizer)
-    test_set = encode(test_examples, tokenizer, length=None)
+    test_set = encode(test_examples, tokenizer)
     context = max(train_set.inputs.shape[1], test_set.inputs.shape[1])
     looped = get_preset(preset, max_seq_len=max(context, 16))
     if context > get_preset(preset).max_seq_len:
         raise ValueError(f"difficulty {max(test_difficulties)} needs {context} tokens, beyond the model's context.")
-    params_cfg, flops_cfg = fixed_depth_configs(looped)
-    contestants = [
-        Contestant("parcae", looped),
-        Contestant("gpt-params", params_cfg),
-        Contestant("gpt-flops", flops_cfg),
-    ]
+    contestants = [Contestant("parcae", looped), *(Contestant(cfg.name, cfg) for cfg in fixed_depth_configs(looped))]
     if steps is None:
         steps = _calibrate_steps(contestants, train_set, batch_size, minutes or 10.0)
     echo(f"task {task.name}: {len(train_set)} train / {len(test_set)} test examples, {steps} steps × {batch_size}")
@@ -200,33 +181,30 @@ def run_reasoning_lab(
         "steps": steps, "batch_size": batch_size,
         "test_examples": {d: int((test_set.difficulty == d).sum()) for d in test_difficulties}, "models": {},
     }  # fmt: skip
+    table = functools.partial(accuracy_table, difficulty=test_set.difficulty, difficulties=test_difficulties)
     for contestant in contestants:
         model = contestant.model
         entry: dict[str, Any] = {
-            "params": model.num_parameters(), "train_seconds": round(contestant.seconds, 1),
+            "params": model.num_parameters(),
+            "train_seconds": round(contestant.seconds, 1),
             "final_train_loss": sum(contestant.losses[-20:]) / min(20, len(contestant.losses)),
-        }  # fmt: skip
+        }
         if model.config.is_looped:
             echo(f"  {contestant.name}: exact match at T = 1 … {max(depths)}")
             by_depth = exact_match_by_depth(model, test_set, depths)
-            entry["accuracy_by_depth"] = {
-                str(t): accuracy_table(correct, test_set.difficulty, test_difficulties)
-                for t, correct in zip(depths, by_depth, strict=True)
-            }
+            entry["accuracy_by_depth"] = {str(t): table(correct) for t, correct in zip(depths, by_depth, strict=True)}
             echo(f"  {contestant.name}: adaptive exit ({exit}, at most {max(depths)} iterations)")
             criterion = ExitCriterion.parse(exit)
             correct, used = exact_match_with_exit(model, test_set, criterion, max(depths))
             entry["adaptive_exit"] = {
                 "criterion": exit,
                 "max_steps": max(depths),
-                "accuracy": accuracy_table(correct, test_set.difficulty, test_difficulties),
-                "iterations": {d: float(used[test_set.difficulty == d].mean()) for d in test_difficulties
-                               if bool((test_set.difficulty == d).any())},
-            }  # fmt: skip
+                "accuracy": table(correct),
+                "iterations": table(used),
+            }
         else:
-            entry["accuracy"] = accuracy_table(
-                exact_match(model, test_set, None), test_set.difficulty, test_difficulties
-            )
+            (correct,) = exact_match_by_depth(model, test_set, [model.config.mean_recurrence])
+            entry["accuracy"] = table(correct)
         results["models"][contestant.name] = entry
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -269,8 +247,8 @@ def format_report(results: dict[str, Any], mean: int) -> str:
         lines.append(f"{label:<22} " + cells(acc, 100, 1))
     if exit_result:
         lines.append(f"{'iterations used (exit)':<22} " + cells(exit_result["iterations"], 1, 2))
-    lines.append("params / train seconds: " + ", ".join(
-        f"{n} {m['params']:,} / {m['train_seconds']} s" for n, m in models.items()))  # fmt: skip
+    sizes = ", ".join(f"{n} {m['params']:,} / {m['train_seconds']} s" for n, m in models.items())
+    lines.append(f"params / train seconds: {sizes}")
     return "\n".join(lines)
 
 
@@ -298,12 +276,12 @@ def plot_reasoning(results: dict[str, Any], mean: int, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for t in (1, mean, 3 * mean):
-        ax.plot(difficulties, [by_depth[str(t)].get(d, float("nan")) for d in difficulties], marker="o",
-                label=f"parcae T={t}")  # fmt: skip
+        accuracy = [by_depth[str(t)].get(d, float("nan")) for d in difficulties]
+        ax.plot(difficulties, accuracy, marker="o", label=f"parcae T={t}")
     for name, model in results["models"].items():
         if "accuracy" in model:
-            ax.plot(difficulties, [model["accuracy"].get(d, float("nan")) for d in difficulties], marker="s",
-                    linestyle="--", label=name)  # fmt: skip
+            accuracy = [model["accuracy"].get(d, float("nan")) for d in difficulties]
+            ax.plot(difficulties, accuracy, marker="s", linestyle="--", label=name)
     ax.axvspan(min(results["train_difficulties"]) - 0.5, max(results["train_difficulties"]) + 0.5, alpha=0.1)
     ax.set_xlabel("difficulty (shaded: training range)")
     ax.set_ylabel("exact match")

@@ -1,17 +1,6 @@
-"""Synthetic multi-step reasoning tasks with a difficulty knob, rendered as plain text.
+"""Synthetic multi-step reasoning tasks (README § Reasoning lab): difficulty = sequential steps the answer needs.
 
-Each task turns (difficulty, rng) into an `Example(prompt, answer)`; a model reads the prompt and must
-produce the answer (scored by exact match). Difficulty is the number of sequential steps the answer
-needs, so a model whose depth is fixed can only solve a bounded difficulty in one forward pass, while a
-looped model can spend more iterations. All tasks use a tiny alphabet so the byte tokenizer (or any
-other) reads them directly.
-
-| task       | prompt (difficulty d)                          | answer                                   |
-|------------|------------------------------------------------|------------------------------------------|
-| `chain`    | `a=7;b=a+3;c=b*2;?c=` (d assignments after a)   | the last variable's value, mod 10        |
-| `addition` | `4821+937=` (two d-digit numbers)              | their sum                                |
-| `parity`   | `1011001?` (2d + 2 bits)                       | the parity of the bits (0 or 1)          |
-| `pointer`  | `3>7,0>5,7>2,…;3@2=` (10 nodes, shuffled edges) | the node d hops from the start           |
+A tiny alphabet, so the byte tokenizer (or any other) reads them directly; answers are scored by exact match.
 """
 
 from __future__ import annotations
@@ -42,7 +31,6 @@ class Task:
     name: str
     make: Callable[[int, random.Random], tuple[str, str]]  # (prompt, answer without ANSWER_END)
     max_difficulty: int
-    description: str
 
     def example(self, difficulty: int, rng: random.Random) -> Example:
         if not 1 <= difficulty <= self.max_difficulty:
@@ -87,10 +75,10 @@ def _pointer(difficulty: int, rng: random.Random) -> tuple[str, str]:
 
 
 TASKS: dict[str, Task] = {
-    "chain": Task("chain", _chain, 25, "k-hop variable chain, arithmetic mod 10"),
-    "addition": Task("addition", _addition, 12, "sum of two d-digit numbers"),
-    "parity": Task("parity", _parity, 30, "parity of 2d + 2 bits"),
-    "pointer": Task("pointer", _pointer, 30, "follow d pointers in a shuffled 10-node function graph"),
+    "chain": Task("chain", _chain, 25),  # k-hop variable chain, arithmetic mod 10
+    "addition": Task("addition", _addition, 12),  # sum of two d-digit numbers
+    "parity": Task("parity", _parity, 30),  # parity of 2d + 2 bits
+    "pointer": Task("pointer", _pointer, 30),  # follow d pointers in a shuffled 10-node function graph
 }
 
 
@@ -103,17 +91,15 @@ def get_task(name: str) -> Task:
 def parse_difficulties(text: str, task: Task) -> list[int]:
     """'1-6' or '1,2,8' → sorted difficulties, each within the task's range."""
     values: set[int] = set()
-    try:
-        for part in text.split(","):
-            low, sep, high = part.strip().partition("-")
-            first, last = int(low), int(high) if sep else int(low)
-            if last < first:
-                raise ValueError(f"difficulty range {part.strip()!r} is inverted.")
-            values.update(range(first, last + 1))
-    except ValueError as err:
-        if "inverted" in str(err):
-            raise
-        raise ValueError(f"difficulties must look like '1-6' or '1,2,8', got {text!r}.") from None
+    for part in text.split(","):
+        low, sep, high = part.strip().partition("-")
+        try:
+            first, last = int(low), int(high if sep else low)
+        except ValueError:
+            raise ValueError(f"difficulties must look like '1-6' or '1,2,8', got {text!r}.") from None
+        if last < first:
+            raise ValueError(f"difficulty range {part.strip()!r} is inverted.")
+        values.update(range(first, last + 1))
     if not values:
         raise ValueError(f"no difficulties in {text!r}.")
     bad = [d for d in values if not 1 <= d <= task.max_difficulty]
@@ -122,14 +108,10 @@ def parse_difficulties(text: str, task: Task) -> list[int]:
     return sorted(values)
 
 
-def _stream_rng(seed: int, split: str, difficulty: int) -> random.Random:
-    digest = hashlib.blake2b(f"{seed}/{split}/{difficulty}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
-
-
 def generate(task: Task, difficulty: int, count: int, seed: int, split: str) -> Iterator[Example]:
     """`count` examples of one difficulty from the split's own deterministic stream."""
-    rng = _stream_rng(seed, split, difficulty)
+    digest = hashlib.blake2b(f"{seed}/{split}/{difficulty}".encode(), digest_size=8).digest()
+    rng = random.Random(int.from_bytes(digest, "little"))
     for _ in range(count):
         yield task.example(difficulty, rng)
 
@@ -149,10 +131,8 @@ def is_test_instance(prompt: str, seed: int) -> bool:
 def make_splits(
     task: Task, train: list[int], test: list[int], train_per_difficulty: int, test_per_difficulty: int, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Train and test examples that never share a prompt: every prompt belongs to one split by its hash.
-
-    Train examples are drawn with repetition (as a data stream would); test examples are distinct, up to
-    `test_per_difficulty` per difficulty (fewer where the held-out part of the instance space is smaller)."""
+    """Train and test examples that never share a prompt (each belongs to one split by its hash). Train examples
+    repeat, as a data stream; test ones are distinct, fewer where the held-out instance space is smaller."""
     train_examples = []
     for d in train:
         draws = generate(task, d, train_per_difficulty * MAX_DRAWS_PER_EXAMPLE, seed, "train")

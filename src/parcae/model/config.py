@@ -163,17 +163,12 @@ class ParcaeConfig:
             fail(f"rope_base must be positive, got {self.rope_base}.")
         if self.norm_eps <= 0:
             fail(f"norm_eps must be positive, got {self.norm_eps}.")
-        if self.mlp not in MLPS:
-            fail(f"unknown mlp {self.mlp!r}; choose one of {', '.join(MLPS)}.")
-        if self.injection not in INJECTIONS:
-            fail(f"unknown injection {self.injection!r}; choose one of {', '.join(INJECTIONS)}.")
-        if self.depth_sampling not in DEPTH_SAMPLING:
-            fail(f"unknown depth_sampling {self.depth_sampling!r}; choose one of {', '.join(DEPTH_SAMPLING)}.")
-        if self.state_init not in STATE_INITS:
-            fail(f"unknown state_init {self.state_init!r}; choose one of {', '.join(STATE_INITS)}.")
-        positive("mean_recurrence")
-        positive("backprop_depth")
-        positive("d_state")
+        choices = {"mlp": MLPS, "injection": INJECTIONS, "depth_sampling": DEPTH_SAMPLING, "state_init": STATE_INITS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                fail(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}.")
+        for name in ("mean_recurrence", "backprop_depth", "d_state"):
+            positive(name)
         if self.depth_sampling == "fixed" and self.backprop_depth > self.mean_recurrence:
             fail(
                 f"backprop_depth ({self.backprop_depth}) cannot exceed mean_recurrence "
@@ -292,9 +287,7 @@ class ParcaeConfig:
     def replace(self, **overrides: Any) -> ParcaeConfig:
         """A copy with some fields changed; derived fields are re-derived unless given."""
         data = self.to_dict()
-        derived = ("n_kv_heads", "head_dim", "d_mlp", "d_state", "backprop_depth")
-        base = {f.name: getattr(ParcaeConfig, f.name, None) for f in dataclasses.fields(self)}
-        # Re-derive a derived field when what it depends on changes and it was not set explicitly.
+        # Re-derive a derived field (back to None) when what it depends on changes and it was not set explicitly.
         dependencies = {
             "n_kv_heads": ("n_heads",),
             "head_dim": ("d_model", "n_heads"),
@@ -302,9 +295,9 @@ class ParcaeConfig:
             "d_state": ("d_model",),
             "backprop_depth": ("mean_recurrence",),
         }
-        for name in derived:
-            if name not in overrides and any(dep in overrides for dep in dependencies[name]):
-                data[name] = base[name]
+        for name, depends_on in dependencies.items():
+            if name not in overrides and any(dep in overrides for dep in depends_on):
+                data[name] = None
         unknown = sorted(set(overrides) - set(data))
         if unknown:
             raise ValueError(f"Unknown ParcaeConfig field(s): {', '.join(unknown)}.")

@@ -1,31 +1,32 @@
 """The Parcae model: embed → prelude → prelude norm → loop (inject, core × T) → C → coda → norm → head.
 
 `n_core = 0` gives the fixed-depth Transformer with the same blocks (embed → prelude → coda → head).
-Read top-down: `forward` is the whole data path; the loop itself lives in `recurrence.run_loop`.
+The loop is three methods, used by training, multi-depth evaluation, cached inference and the Jacobian
+diagnostics alike: `loop_inputs` (everything before the loop), `step` (one iteration, the update
+h ← Ā·h + B̄·e + R̄(h, e)) and `after_loop` (readout → coda → norm). `forward` drives `step` through the
+compacted loop of `recurrence.run_loop` (rows stop at their sampled depth).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .cache import CachedOutput, KVCache, KVPolicy
+from .compiled import compile_blocks, compile_loop
 from .config import ParcaeConfig
 from .exit import ExitCriterion
-from .generate import GenerationOutput, GenerationStream, generate
+from .generate import generate
 from .head import IGNORE_INDEX, linear_cross_entropy, mean_cross_entropy
 from .injection import build_injection
+from .io import Pretrained
 from .layers import Block, RMSNorm, Rotary, scaled_orthogonal_
-from .recurrence import DepthPlan, DepthSampler, mix_seed, run_loop
+from .recurrence import DepthPlan, DepthSampler, LoopInputs, mix_seed, run_loop
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 _STATE_SEED_SALT = 0x5EED  # keeps h₀'s seeded stream apart from the depth sampler's
 
 
@@ -55,7 +56,7 @@ class DepthOutput:
     previous_state: Tensor | None = None
 
 
-class Parcae(nn.Module):
+class Parcae(Pretrained):
     def __init__(self, config: ParcaeConfig) -> None:
         super().__init__()
         cfg = self.config = config
@@ -130,21 +131,69 @@ class Parcae(nn.Module):
             scaled_orthogonal_(self.readout.weight, std)
         self.final_norm.weight.fill_(1.0)
 
-    def compile_blocks(self, recompile_limit: int = 64) -> None:
-        """`torch.compile` each block (dynamic shapes: the compacted loop hands it a different number of rows
-        every iteration). All blocks share `Block.forward`, so their variants (with or without a value embedding
-        or a cache, per shape class) count against one recompile limit; torch's default of 8 is reached by a
-        looped model, after which blocks silently run eagerly. Raised to `recompile_limit` (the official code
-        uses 64)."""
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
-        for block in self.blocks():
-            block.compile(dynamic=True)
+    compile_loop = compile_loop  # training regions under torch.compile (`parcae.model.compiled`)
+    compile_blocks = compile_blocks
 
     def blocks(self) -> list[Block]:
         core = list(self.core) if self.config.is_looped else []
         return [*self.prelude, *core, *self.coda]
+
+    # ------------------------------------------------------------------ the loop
+    def loop_inputs(
+        self, input_ids: Tensor, *, positions: int | Tensor = 0, cache: KVCache | None = None
+    ) -> LoopInputs:
+        """Everything before the loop, once per forward: embed → prelude P → e = RMSNorm(P(x)) → B̄·e.
+
+        `positions`: the first position (int), or each token's position [B, L] (left-padded batches).
+        `cache`: the prelude's slots of a KV cache (inference). Token ids are not validated here (`forward` does).
+        """
+        cfg = self.config
+        if isinstance(positions, Tensor):
+            cos, sin = self.rotary.cos[positions], self.rotary.sin[positions]
+        else:
+            cos, sin = self.rotary.tables(input_ids.shape[1], positions)
+        value_embeds = {int(i): table(input_ids) for i, table in self.value_embeds.items()}
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.prelude):
+            x = block(x, cos, sin, value_embeds.get(i), cache.outer_layer(i) if cache is not None else None)
+        inputs = LoopInputs(x=x, cos=cos, sin=sin, value_embeds=value_embeds)
+        if cfg.is_looped:
+            inputs.e = self.prelude_norm(x) if self.prelude_norm is not None else x
+            inputs.drive, inputs.decay = self.injection.prepare(inputs.e)  # B̄·e and Ā: loop invariants
+            inputs.core_embeds = tuple(value_embeds.get(cfg.n_prelude + j) for j in range(cfg.n_core))
+        return inputs
+
+    def step(
+        self,
+        h: Tensor,
+        inputs: LoopInputs,
+        *,
+        cache: KVCache | None = None,
+        iteration: int = 0,
+        keep: Tensor | None = None,
+    ) -> Tensor:
+        """One loop iteration, h_{t+1} = Ā·h_t + B̄·e + R̄(h_t, e): the injection gives Ā·h + B̄·e, and the core
+        blocks (each residual) add R̄. `h` may hold any subset of rows, with `inputs` sliced alike
+        (`LoopInputs.rows`). With a cache, the core reads and writes the slots of `iteration` (`keep`: tokens
+        still iterating, whose keys and values are stored)."""
+        y = self.injection.step(h, inputs.drive, inputs.decay)
+        for j, block in enumerate(self.core):
+            slot = cache.core_layer(j, iteration, keep=keep) if cache is not None else None
+            y = block(y, inputs.cos, inputs.sin, inputs.core_embeds[j], slot)
+        return y
+
+    def after_loop(
+        self, h: Tensor, inputs: LoopInputs, *, cache: KVCache | None = None, last_only: bool = False
+    ) -> Tensor:
+        """Everything after the loop: readout C (looped models) → coda → final norm, the hidden state the LM head
+        reads. A fixed-depth model passes the prelude output. `last_only` keeps the last position (the coda still
+        runs on every position, so its keys and values are cached)."""
+        cfg = self.config
+        x = self.readout(h) if cfg.is_looped else h
+        for j, block in enumerate(self.coda):
+            slot = cache.outer_layer(cfg.n_prelude + j) if cache is not None else None
+            x = block(x, inputs.cos, inputs.sin, inputs.value_embeds.get(cfg.n_prelude + cfg.n_core + j), slot)
+        return self.final_norm(x[:, -1:] if last_only else x)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -169,18 +218,11 @@ class Parcae(nn.Module):
         cfg = self.config
         batch, seq_len = self._check_inputs(input_ids, labels)
         plan = self._depth_plan(batch, seq_len, num_steps, depth_plan, step) if cfg.is_looped else None
-        cos, sin = self.rotary.tables(seq_len)
-        value_embeds = {int(i): table(input_ids) for i, table in self.value_embeds.items()}
-
-        x = self._prelude(input_ids, cos, sin, value_embeds)
-
-        metrics: dict[str, Any] = {}
+        inputs = self.loop_inputs(input_ids)
+        x, metrics = inputs.x, {}
         if plan is not None:
-            e = self.prelude_norm(x) if self.prelude_norm is not None else x
-            h = self._initial_state(e, state_seed, step)
-            drive, shared = self.injection.prepare(e)  # loop invariants, computed once
-            core_step, core_value_embeds = self._core_step(cos, sin, value_embeds, shared)
-            loop = run_loop(core_step, h, plan, [drive, *core_value_embeds])
+            h = self.initial_state(inputs.e, state_seed, step)
+            loop = run_loop(self.step, h, plan, inputs)
             with torch.no_grad():
                 metrics = {
                     "rho_A": self.injection.spectral_radius(),
@@ -190,15 +232,12 @@ class Parcae(nn.Module):
                     "sampled_core_passes": loop.sampled_passes,
                     "executed_core_passes": loop.executed_passes,
                 }
-            x = self.readout(loop.state)
-        x = self._coda(x, cos, sin, value_embeds)
-
+            x = loop.state
+        x = self.after_loop(x, inputs)
         if labels is not None and not return_logits:
             return ParcaeOutput(loss=self.chunked_loss(x, labels), metrics=metrics)
         logits = self.lm_head(x)
-        loss = None
-        if labels is not None:
-            loss = mean_cross_entropy(logits.float(), labels)
+        loss = None if labels is None else mean_cross_entropy(logits.float(), labels)
         return ParcaeOutput(loss=loss, logits=logits, metrics=metrics)
 
     @torch.no_grad()
@@ -215,61 +254,24 @@ class Parcae(nn.Module):
         readout → coda → final norm runs after each requested iteration: Σ depths core passes become max(depths)
         (depths 1 … 24: 300 → 24; 1, 2, 4, 8, 16: 31 → 16). A fixed-depth model yields its one output per depth.
         """
-        cfg = self.config
         wanted = sorted(set(depths))
         if not wanted or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in wanted):
             raise ValueError(f"depths must be positive integers, got {list(depths)!r}.")
         self._check_inputs(input_ids, None)
         if self.training:
             raise ValueError("iterate_depths / logits_by_depth evaluate: call model.eval() first.")
-        cos, sin = self.rotary.tables(input_ids.shape[1])
-        value_embeds = {int(i): table(input_ids) for i, table in self.value_embeds.items()}
-        x = self._prelude(input_ids, cos, sin, value_embeds)
-        if not cfg.is_looped:
-            hidden = self._coda(x, cos, sin, value_embeds)
+        inputs = self.loop_inputs(input_ids)
+        if not self.config.is_looped:
+            hidden = self.after_loop(inputs.x, inputs)
             yield from (DepthOutput(t, hidden) for t in wanted)
             return
-        e = self.prelude_norm(x) if self.prelude_norm is not None else x
-        h = self._initial_state(e, state_seed, None)
-        drive, shared = self.injection.prepare(e)
-        core_step, core_value_embeds = self._core_step(cos, sin, value_embeds, shared)
+        h = self.initial_state(inputs.e, state_seed, None)
         for t in range(1, wanted[-1] + 1):
-            previous, h = h, core_step(h, drive, *core_value_embeds)
+            previous, h = h, self.step(h, inputs)
             if t in wanted:
-                hidden = self._coda(self.readout(h), cos, sin, value_embeds)
-                yield DepthOutput(t, hidden, state=h, previous_state=previous)
+                yield DepthOutput(t, self.after_loop(h, inputs), state=h, previous_state=previous)
 
     # ------------------------------------------------------------------ forward helpers
-    def _prelude(self, input_ids: Tensor, cos: Tensor, sin: Tensor, value_embeds: dict[int, Tensor]) -> Tensor:
-        x = self.embed(input_ids)
-        for i, block in enumerate(self.prelude):
-            x = block(x, cos, sin, value_embeds.get(i))
-        return x
-
-    def _core_step(
-        self, cos: Tensor, sin: Tensor, value_embeds: dict[int, Tensor], shared: Any
-    ) -> tuple[Any, list[Tensor]]:
-        """One loop iteration as a function of (state rows, drive rows, *core value-embedding rows), so that the
-        compacted loop can hand it any subset of rows; and the full-batch value embeddings it takes."""
-        cfg = self.config
-        core_layers = range(cfg.n_prelude, cfg.n_prelude + cfg.n_core)
-
-        def core_step(h_rows: Tensor, drive_rows: Tensor, *ve_rows: Tensor) -> Tensor:
-            y = self.injection.step(h_rows, drive_rows, shared)
-            ve_iter = iter(ve_rows)
-            for layer, block in zip(core_layers, self.core, strict=True):
-                y = block(y, cos, sin, next(ve_iter) if layer in value_embeds else None)
-            return y
-
-        return core_step, [value_embeds[i] for i in core_layers if i in value_embeds]
-
-    def _coda(self, x: Tensor, cos: Tensor, sin: Tensor, value_embeds: dict[int, Tensor]) -> Tensor:
-        """Coda blocks → final norm (the readout, for looped models, comes before)."""
-        offset = self.config.n_prelude + self.config.n_core
-        for j, block in enumerate(self.coda):
-            x = block(x, cos, sin, value_embeds.get(offset + j))
-        return self.final_norm(x)
-
     def _check_inputs(self, input_ids: Tensor, labels: Tensor | None) -> tuple[int, int]:
         """Clear errors before any compute (one device sync for the value-range check)."""
         cfg = self.config
@@ -315,9 +317,7 @@ class Parcae(nn.Module):
             return DepthPlan.fixed(batch, depth, grad_steps)
         return self.depth_sampler.sample(batch, seq_len, step)
 
-    def _initial_state(
-        self, e: Tensor, state_seed: int | None, step: int | None, positions: Tensor | int = 0
-    ) -> Tensor:
+    def initial_state(self, e: Tensor, state_seed: int | None, step: int | None, positions: Tensor | int = 0) -> Tensor:
         """h₀ for the prelude output e [B, L, ·].
 
         Seeded (`state_seed`, or seed 0 in eval): one fixed vector per *position*, drawn from the seed alone
@@ -400,32 +400,18 @@ class Parcae(nn.Module):
         if exit is not None and not cfg.is_looped:
             raise ValueError("adaptive exit needs a looped model (n_core > 0).")
         chunk = cache.begin(n, attention_mask)
-        if chunk.positions is None:
-            cos, sin = self.rotary.tables(n, chunk.start)
-        else:
-            cos, sin = self.rotary.cos[chunk.positions], self.rotary.sin[chunk.positions]
-        value_embeds = {int(i): table(input_ids) for i, table in self.value_embeds.items()}
-
-        x = self.embed(input_ids)
-        for i, block in enumerate(self.prelude):
-            x = block(x, cos, sin, value_embeds.get(i), cache.outer_layer(i))
-
+        positions = chunk.positions if chunk.positions is not None else chunk.start
+        inputs = self.loop_inputs(input_ids, positions=positions, cache=cache)
+        x, logits, coda_passes = inputs.x, None, 0
         iterations = torch.zeros(batch, n, dtype=torch.long, device=input_ids.device)
-        logits, coda_passes = None, 0
         if cfg.is_looped:
             steps = cache.check_steps(self._inference_depth(num_steps, exit))
-            e = self.prelude_norm(x) if self.prelude_norm is not None else x
-            positions = chunk.positions if chunk.positions is not None else chunk.start
-            h = self._initial_state(e, 0 if state_seed is None else state_seed, None, positions)
-            drive, shared = self.injection.prepare(e)
-            core_embeds = [value_embeds.get(cfg.n_prelude + j) for j in range(cfg.n_core)]
+            h = self.initial_state(inputs.e, 0 if state_seed is None else state_seed, None, positions)
             tracker = exit.tracker((batch, n), input_ids.device) if exit is not None else None
             active: Tensor | None = None  # [B, n]: tokens still iterating; None = all
             done = 0
             while done < steps:
-                y = self.injection.step(h, drive, shared)
-                for j, block in enumerate(self.core):
-                    y = block(y, cos, sin, core_embeds[j], cache.core_layer(j, done, keep=active))
+                y = self.step(h, inputs, cache=cache, iteration=done, keep=active)
                 h_prev, h = h, y if active is None else torch.where(active.unsqueeze(-1), y, h)
                 iterations += 1 if active is None else active
                 done += 1
@@ -433,7 +419,7 @@ class Parcae(nn.Module):
                     continue
                 logits = None  # a probe after the last iteration doubles as the output
                 if tracker.wants_logits(done):
-                    logits = self._cached_head(h, cos, sin, value_embeds, cache)
+                    logits = self.lm_head(self.after_loop(h, inputs, cache=cache))
                     coda_passes += 1
                 active = ~tracker.update(done, h_prev, h, logits)
                 if chunk.real is not None:
@@ -446,32 +432,12 @@ class Parcae(nn.Module):
             if chunk.real is not None:
                 iterations *= chunk.real
         if logits is None:
-            logits = self._cached_head(x, cos, sin, value_embeds, cache, last_logits_only)
+            logits = self.lm_head(self.after_loop(x, inputs, cache=cache, last_only=last_logits_only))
             coda_passes += 1
         elif last_logits_only:  # an exit probe's logits: already computed for every position
             logits = logits[:, -1:]
         cache.commit()
         return CachedOutput(logits=logits, iterations=iterations, coda_passes=coda_passes)
-
-    def _cached_head(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        value_embeds: dict[int, Tensor],
-        cache: KVCache,
-        last_only: bool = False,
-    ) -> Tensor:
-        """Readout C (looped models) → coda (with its cache slots) → final norm → logits."""
-        cfg = self.config
-        if cfg.is_looped:
-            x = self.readout(x)
-        for j, block in enumerate(self.coda):
-            layer = cfg.n_prelude + cfg.n_core + j
-            x = block(x, cos, sin, value_embeds.get(layer), cache.outer_layer(cfg.n_prelude + j))
-        if last_only:  # the coda above ran on every position: its keys and values are cached for later tokens
-            x = x[:, -1:]
-        return self.lm_head(self.final_norm(x))
 
     def _inference_depth(self, num_steps: int | None, exit: ExitCriterion | None) -> int:
         limit = exit.max_steps if exit is not None else None
@@ -484,101 +450,11 @@ class Parcae(nn.Module):
             raise ValueError(f"the exit's min_steps {exit.min_steps} exceed the depth {depth}.")
         return depth
 
-    def generate(
-        self,
-        input_ids: Tensor | Sequence[Sequence[int]],
-        max_new_tokens: int,
-        *,
-        num_steps: int | None = None,
-        kv_policy: str | KVPolicy = "full",
-        exit: str | ExitCriterion | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop: int | Sequence[int] | None = None,
-        seed: int | None = None,
-        stream: bool = False,
-        attention_mask: Tensor | None = None,
-        vocab_limit: int | None = None,
-        pad_id: int = 0,
-        state_seed: int = 0,
-    ) -> GenerationOutput | GenerationStream:
-        """Sample up to `max_new_tokens` per row with a KV cache; see `parcae.model.generate.generate`."""
-
-        return generate(
-            self, input_ids, max_new_tokens, num_steps=num_steps, kv_policy=kv_policy, exit=exit,
-            temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed, stream=stream,
-            attention_mask=attention_mask, vocab_limit=vocab_limit, pad_id=pad_id, state_seed=state_seed,
-        )  # fmt: skip
+    generate = generate  # `parcae.model.generate.generate`: KV-cached sampling (the model is its first argument)
 
     def chunked_loss(self, x: Tensor, labels: Tensor) -> Tensor:
         """Mean CE of the head on final hidden states x without materialising all logits (`model.head`)."""
         return linear_cross_entropy(x, self.lm_head.weight, labels)
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write `config.json` and `model.safetensors` (the tied head stored once)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {
-            name: tensor.detach().contiguous()
-            for name, tensor in self.state_dict().items()
-            if not (self.config.tie_embeddings and name == "lm_head.weight")
-        }
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "parcae", "version": "1"})
-        self.config.save(directory / CONFIG_FILE)
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-    ) -> Parcae:
-        """Load a model saved by `save_pretrained`; every tensor must match (strict), else ValueError."""
-        directory = Path(directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found (expected a save_pretrained directory).")
-        config = ParcaeConfig.load(directory / CONFIG_FILE)
-        try:
-            state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
-        except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"cannot read {directory / WEIGHTS_FILE}: {err}") from None
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_weights(state, device=device)
-        if dtype is not None:
-            model.to(dtype)
-        return model
-
-    def load_weights(self, state: dict[str, Tensor], device: str | torch.device | None = None) -> None:
-        """Strictly load a state dict (tied head optional); ValueError naming any mismatched keys."""
-        expected = {
-            name: tuple(t.shape)
-            for name, t in self.state_dict().items()
-            if not (self.config.tie_embeddings and name == "lm_head.weight")
-        }
-        state = {k: v for k, v in state.items() if not (self.config.tie_embeddings and k == "lm_head.weight")}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing {_summarise(missing)}")
-            if unexpected:
-                parts.append(f"unexpected {_summarise(unexpected)}")
-            if wrong:
-                details = [f"{k} {tuple(state[k].shape)} ≠ {expected[k]}" for k in wrong]
-                parts.append(f"wrong shape {_summarise(details)}")
-            raise ValueError(f"weights do not match the {self.config.name} config: " + "; ".join(parts) + ".")
-        if any(p.is_meta for p in self.parameters()):
-            self.to_empty(device=device or "cpu")
-            self.tie_weights()
-            self.rotary = Rotary(self.config.head_dim, self.config.max_seq_len, self.config.rope_base).to(
-                device or "cpu"
-            )
-        if self.config.tie_embeddings:
-            state = {**state, "lm_head.weight": state["embed.weight"]}
-        self.load_state_dict(state, strict=True)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -590,11 +466,6 @@ def _random_state(h: Tensor, cfg: ParcaeConfig, generator: torch.Generator | Non
     if cfg.state_init == "like-init":
         return nn.init.trunc_normal_(h, std=std, a=-3 * std, b=3 * std, generator=generator)
     return h.normal_(0.0, std, generator=generator)
-
-
-def _summarise(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 def count_params(cfg: ParcaeConfig) -> int:

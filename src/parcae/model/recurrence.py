@@ -19,8 +19,8 @@ still compacted by their largest token depth and tokens inside a row are frozen 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -120,6 +120,34 @@ class DepthSampler:
 
 
 @dataclass
+class LoopInputs:
+    """What the loop reads, computed once per forward by `Parcae.loop_inputs`: the prelude output `x`, the RoPE
+    tables, the value-embedding lookups by layer, and for looped models e = RMSNorm(P(x)), the drive B̄·e
+    [B, L, S], the injection's state operator `decay` (Ā's diagonal, W_h, or None for `add`) and the core
+    blocks' value embeddings."""
+
+    x: Tensor
+    cos: Tensor
+    sin: Tensor
+    value_embeds: dict[int, Tensor]
+    e: Tensor | None = None
+    drive: Tensor | None = None
+    decay: Tensor | None = None
+    core_embeds: tuple[Tensor | None, ...] = ()
+
+    def rows(self, index: slice | Tensor) -> LoopInputs:
+        """The per-row invariants of the loop (drive, core value embeddings) for a prefix or a reordering of the
+        rows: what the compacted loop hands `Parcae.step` with a subset of the states."""
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t[index] if isinstance(index, slice) else t.index_select(0, index)
+
+        return replace(self, drive=pick(self.drive), core_embeds=tuple(pick(t) for t in self.core_embeds))
+
+
+@dataclass
 class LoopResult:
     state: Tensor  # h_T, [B, L, S], in the original row order
     residual: Tensor  # mean over rows of the token-mean ‖h_T − h_{T−1}‖₂ (detached)
@@ -127,14 +155,13 @@ class LoopResult:
     sampled_passes: float  # Σ_rows T_row (per-token: Σ_rows mean_token T)
 
 
-StepFn = Callable[..., Tensor]  # step(h_rows, *invariant_rows) -> new h_rows
+StepFn = Callable[[Tensor, LoopInputs], Tensor]  # step(h_rows, inputs_rows) -> new h_rows
 
 
-def run_loop(step: StepFn, h: Tensor, plan: DepthPlan, invariants: Sequence[Tensor]) -> LoopResult:
+def run_loop(step: StepFn, h: Tensor, plan: DepthPlan, inputs: LoopInputs) -> LoopResult:
     """Run the loop for every row as planned: n_row no-grad steps, then k_row steps with gradient.
 
-    `invariants` are batch-first tensors that `step` needs for the same rows (e.g. the drive B̄e and
-    the core layers' value embeddings); they are sliced along with h.
+    `step` is `Parcae.step`; `inputs` is sliced along with h (`LoopInputs.rows`).
     """
     batch = h.shape[0]
     if plan.per_token:
@@ -144,7 +171,7 @@ def run_loop(step: StepFn, h: Tensor, plan: DepthPlan, invariants: Sequence[Tens
     # One ordering that makes both phases' active rows a prefix whenever possible (always, for plans
     # from `DepthPlan.from_depths`): by no-grad count, then grad count, both descending.
     order = _descending_order(row_no_grad * (int(row_grad.max()) + 1) + row_grad)
-    state = _Rows(h, list(invariants), plan if plan.per_token else None)
+    state = _Rows(h, inputs, plan if plan.per_token else None)
     state.permute(order)
     residual = torch.zeros(batch, dtype=torch.float32, device=h.device)
     executed = 0
@@ -195,9 +222,9 @@ def run_loop(step: StepFn, h: Tensor, plan: DepthPlan, invariants: Sequence[Tens
 class _Rows:
     """The loop state and its invariants, kept in a row order where active rows form a prefix."""
 
-    def __init__(self, h: Tensor, invariants: list[Tensor], token_plan: DepthPlan | None) -> None:
+    def __init__(self, h: Tensor, inputs: LoopInputs, token_plan: DepthPlan | None) -> None:
         self.h = h
-        self.invariants = invariants
+        self.inputs = inputs
         self.order = torch.arange(h.shape[0])  # position → original row
         self.token_plan = token_plan
         self.token_counts: tuple[Tensor, Tensor] | None = None
@@ -209,7 +236,7 @@ class _Rows:
             return
         index = order.to(self.h.device)
         self.h = self.h.index_select(0, index)
-        self.invariants = [t.index_select(0, index) for t in self.invariants]
+        self.inputs = self.inputs.rows(index)
         if self.token_counts is not None:
             self.token_counts = (self.token_counts[0][index], self.token_counts[1][index])
         self.order = self.order[order]
@@ -223,7 +250,7 @@ class _Rows:
 
     def advance(self, step: StepFn, active: int, iteration: int, phase: int) -> Tensor:
         current = self.h[:active]
-        new = step(current, *(t[:active] for t in self.invariants))
+        new = step(current, self.inputs.rows(slice(0, active)))
         if self.token_counts is not None:
             still_iterating = (self.token_counts[phase][:active] > iteration).unsqueeze(-1)
             new = torch.where(still_iterating, new, current)

@@ -1,34 +1,7 @@
-"""Training FLOPs per token: what a run of our implementation computes, and the official formula.
+"""Training FLOPs per token (README § Scaling laws gives the convention, paper App. D), and the official formula.
 
-Convention (paper App. D, after McLeish et al.): C/D = 2·N̂₁ + 6·N̂₂ + attention, where N̂₁ are the matmul
-parameters run *without* gradient per token and N̂₂ those run *with* gradient, each counted once per time it
-runs (a core looped k times contributes k × its parameters). Counted here, per token, for what our code
-executes:
-
-- matmul weights only: embedding and value-embedding lookups, norms, RoPE, the decay multiply Ā⊙h and the
-  residual adds cost no matmul FLOPs;
-- the LM head matmul counts even when it is tied to the embedding (the matmul runs either way);
-- prelude, coda, readout C and head run once with gradient (6×);
-- the injection's loop-invariant part (B of `diagonal`/`diagonal-zoh`, the input block W_e of `linear`) is
-  computed **once per forward** by `Injection.prepare`, with gradient (6×); only the state block W_h of
-  `linear` runs every iteration;
-- the core runs E[n] iterations without gradient (2×) and E[k] with gradient (6×), where n and k come from
-  the configured depth sampler: T = max(1, Poisson(μ_rec)), k = min(T, μ_bwd), n = T − k, so E[n], E[k] are
-  computed exactly from that distribution, not taken as μ_rec − μ_bwd and μ_bwd. The compacted loop executes
-  exactly the sampled iterations (per-token depths: every token of a row runs the row's largest depth);
-- attention (PaLM / nanochat convention, as the paper): QKᵀ and AV cost 2·2·H·D·L per token and layer in the
-  forward pass over the **full** L×L score matrix (no causal halving; `causal=True` counts the (L+1)/2 keys a
-  query actually attends to), ×3 with gradient, ×1 without;
-- activation recomputation (the chunked loss recomputes head logits in backward when B·L·V is large) is not
-  counted: these are model FLOPs, not hardware FLOPs.
-
-Checked against `torch.utils.flop_counter.FlopCounterMode` on a real forward + backward (tests): exact, except
-that with the `linear` injection the first gradient iteration skips W_h's input gradient (h enters it detached),
-2·S² FLOPs per token that the 6× convention counts anyway.
-
-`official_flops_per_token` is `scripts/cost.py` of the official code (docs/official-format.md), for comparison: it
-takes μ_rec and μ_bwd as the iteration counts, counts all non-embedding parameters (value-embedding tables
-included, the tied head not at all) and the injection once.
+The counts follow our code (the meta-device model's matmul weights; the injection's loop-invariant part once per
+forward), so tests can check them against `torch.utils.flop_counter.FlopCounterMode`.
 """
 
 from __future__ import annotations
@@ -59,14 +32,6 @@ class MatmulParams:
     injection_once: int  # loop-invariant injection matmul: B (diagonal), W_e (linear)
     core: int  # one iteration of the core blocks
     injection_step: int  # per-iteration injection matmul: W_h (linear)
-
-    @property
-    def once(self) -> int:
-        return self.outer + self.head + self.readout + self.injection_once
-
-    @property
-    def per_iteration(self) -> int:
-        return self.core + self.injection_step
 
 
 @dataclass(frozen=True)
@@ -111,14 +76,8 @@ def matmul_params(cfg: ParcaeConfig) -> MatmulParams:
         injection_once = cfg.d_state * cfg.d_model
     elif cfg.injection == "linear":
         injection_once, injection_step = cfg.d_state * cfg.d_model, cfg.d_state * cfg.d_state
-    return MatmulParams(
-        outer=outer,
-        head=head,
-        readout=model.readout.weight.numel(),
-        injection_once=injection_once,
-        core=_linear_params(list(model.core)),
-        injection_step=injection_step,
-    )
+    core = _linear_params(list(model.core))
+    return MatmulParams(outer, head, model.readout.weight.numel(), injection_once, core, injection_step)
 
 
 def core_params(cfg: ParcaeConfig) -> int:
@@ -127,11 +86,7 @@ def core_params(cfg: ParcaeConfig) -> int:
 
 
 def effective_params(cfg: ParcaeConfig, mean_recurrence: int | None = None) -> int:
-    """N(μ_rec): parameters of the model with its loop unrolled μ_rec times (core blocks copied μ_rec times).
-
-    The split follows the official code: the core blocks repeat, everything else (injection and C included)
-    is counted once.
-    """
+    """N(μ_rec): parameters with the loop unrolled μ_rec times; as the official code, only the core blocks repeat."""
     mean = cfg.mean_recurrence if mean_recurrence is None else mean_recurrence
     total = sum(p.numel() for p in _meta_model(cfg).parameters())
     return total + (mean - 1) * core_params(cfg) if cfg.is_looped else total
@@ -176,11 +131,8 @@ def flops_per_token(
     grad: float | None = None,
     causal: bool = False,
 ) -> FlopCount:
-    """Training FLOPs per token of `cfg` at sequence length `seq_len` (default: the model's context).
-
-    The core iteration counts are the sampler's expectations unless `no_grad` and `grad` are given (e.g.
-    the n, k of a fixed `DepthPlan`); a fixed-depth Transformer (n_core = 0) has none.
-    """
+    """Training FLOPs per token of `cfg` at `seq_len` (default: the model's context), with the sampler's expected
+    core iterations unless `no_grad` and `grad` are given (e.g. the n, k of a fixed `DepthPlan`)."""
     seq_len = seq_len or cfg.max_seq_len
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}.")
@@ -191,19 +143,13 @@ def flops_per_token(
     elif not cfg.is_looped and (no_grad or grad):
         raise ValueError("a fixed-depth Transformer (n_core = 0) has no loop iterations.")
     params = matmul_params(cfg)
+    once = params.outer + params.head + params.readout + params.injection_once
+    per_iteration = params.core + params.injection_step
     keys = (seq_len + 1) / 2 if causal else seq_len
     outer_layer = _ATTENTION_FWD * cfg.n_heads * cfg.head_dim * keys
     core_layer = _ATTENTION_FWD * cfg.core_heads * cfg.head_dim * keys if cfg.is_looped else 0.0
     attention = 3 * (cfg.n_prelude + cfg.n_coda) * outer_layer + (no_grad + 3 * grad) * cfg.n_core * core_layer
-    return FlopCount(
-        seq_len=seq_len,
-        causal=causal,
-        no_grad_iterations=no_grad,
-        grad_iterations=grad,
-        params_no_grad=no_grad * params.per_iteration,
-        params_grad=params.once + grad * params.per_iteration,
-        attention=attention,
-    )
+    return FlopCount(seq_len, causal, no_grad, grad, no_grad * per_iteration, once + grad * per_iteration, attention)
 
 
 def official_flops_per_token(cfg: ParcaeConfig, seq_len: int | None = None) -> int:

@@ -35,11 +35,11 @@ def plot_isoflop(report: dict[str, Any], out_dir: Path) -> list[Path]:
         mu, loss = np.array(entry["mean_recurrence"]), np.array(entry["val_loss"])
         grid = np.linspace(np.log(mu.min()) - 0.2, np.log(mu.max()) + 0.2, 200)
         ax.scatter(mu, loss, color=color, zorder=3)
-        ax.plot(np.exp(grid), np.polyval(entry["parabola_ln_mu"], grid), color=color,
-                label=f"C = {entry['budget_flops']:.3g}")  # fmt: skip
+        label = f"C = {entry['budget_flops']:.3g}"
+        ax.plot(np.exp(grid), np.polyval(entry["parabola_ln_mu"], grid), color=color, label=label)
         if entry["mu_opt"] is not None:
-            ax.scatter([entry["mu_opt"]], [entry["loss_opt"]], marker="*", s=160, color=color, edgecolor="black",
-                       zorder=4)  # fmt: skip
+            optimum = [entry["mu_opt"]], [entry["loss_opt"]]
+            ax.scatter(*optimum, marker="*", s=160, color=color, edgecolor="black", zorder=4)
     ax.set_xscale("log")
     ax.set_xlabel("mean recurrence μ_rec")
     ax.set_ylabel("validation loss at T = μ_rec")
@@ -58,8 +58,8 @@ def plot_isoflop(report: dict[str, Any], out_dir: Path) -> list[Path]:
     ):
         law = report[law_key]
         ax.scatter(budgets, [e[key] for e in valid], zorder=3)
-        ax.plot(grid, law["prefactor"] * grid ** law["exponent"], color="C1",
-                label=f"{label} ∝ C^{law['exponent']:.3f}")  # fmt: skip
+        fitted = law["prefactor"] * grid ** law["exponent"]
+        ax.plot(grid, fitted, color="C1", label=f"{label} ∝ C^{law['exponent']:.3f}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training FLOPs C")
@@ -107,8 +107,8 @@ def plot_testtime(report: dict[str, Any], out_dir: Path) -> list[Path]:
             fit = run.get("in_distribution", {}).get(exponential.name, {})
             if "parameters" in fit:
                 grid = np.linspace(depths.min(), depths.max(), 200)
-                ax.plot(grid, exponential.function(grid, np.array(list(fit["parameters"].values()))), color=color,
-                        label=f"μ_rec {run['mean_recurrence']:g}")  # fmt: skip
+                curve = exponential.function(grid, np.array(list(fit["parameters"].values())))
+                ax.plot(grid, curve, color=color, label=f"μ_rec {run['mean_recurrence']:g}")
             ax.axvline(run["mean_recurrence"], color=color, linestyle=":", linewidth=0.8)
         ax.set_xlabel("test-time depth T")
         ax.set_ylabel("validation loss")
@@ -120,9 +120,5 @@ def plot_testtime(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def plot_fit(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Every plot of one fit report into `out_dir`; returns the paths written."""
-    kind = report["kind"]
-    if kind == "isoflop":
-        return plot_isoflop(report, out_dir)
-    if kind == "testtime":
-        return plot_testtime(report, out_dir)
-    return plot_predicted_vs_observed(report, out_dir)
+    plot = {"isoflop": plot_isoflop, "testtime": plot_testtime}.get(report["kind"], plot_predicted_vs_observed)
+    return plot(report, out_dir)

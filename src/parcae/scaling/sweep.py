@@ -1,15 +1,5 @@
-"""isoFLOP sweeps: plan (budgets × recurrences → token counts), run (resumable), evaluate into one CSV.
-
-A plan is a JSON file. Every run trains the same model at one mean recurrence μ_rec (μ_bwd = ⌈μ_rec/2⌉, paper
-App. O) on `budget / flops_per_token` tokens, rounded to whole optimizer steps; FLOPs per token are those of
-`flops.flops_per_token` (expected iterations of the depth sampler, our implementation's matmuls). The runner
-trains the runs one after another under `RUNS/NAME/` (a finished run is skipped, an interrupted one resumed),
-then evaluates each at its eval depths and appends one row per run × depth to `RUNS/results.csv`:
-
-    run,params,budget_flops,mean_recurrence,backprop_depth,tokens,eval_depth,val_loss
-
-`params` is N(μ_rec), the parameter count with the loop unrolled (`flops.effective_params`), so that the
-fits need nothing but the CSV; `tokens` is what the run actually trained on.
+"""isoFLOP sweeps (README § Scaling laws): a JSON plan of budgets × recurrences, its runs trained resumably, and
+one results CSV of their losses at every eval depth (with N(μ_rec) as `params`, so the fits need nothing else).
 """
 
 from __future__ import annotations
@@ -32,9 +22,8 @@ from .flops import effective_params, flops_per_token, official_flops_per_token
 
 PLAN_FORMAT = "parcae-sweep-plan"
 PLAN_VERSION = 1
-RESULT_COLUMNS = (
-    "run", "params", "budget_flops", "mean_recurrence", "backprop_depth", "tokens", "eval_depth", "val_loss",
-)  # fmt: skip
+RESULT_COLUMNS: tuple[str, ...] = ("run", "params", "budget_flops", "mean_recurrence", "backprop_depth", "tokens")
+RESULT_COLUMNS += ("eval_depth", "val_loss")
 RESULTS_FILE = "results.csv"
 # The test-time depths at which the paper evaluates its isoFLOP models for the unified law (its Eq. 4).
 PAPER_EVAL_DEPTHS = (1, 2, 4, 6, 8, 10, 12, 16, 20, 24)
@@ -64,17 +53,14 @@ class SweepPlan:
     eval_batches: int  # validation batches per evaluation (batch_size × seq_len tokens each)
     runs_dir: str  # where runs and results go; relative paths are relative to the plan file
 
-    # ------------------------------------------------------------------ per-run configs
     def model_config(self, run: PlannedRun) -> ParcaeConfig:
         return ParcaeConfig.from_dict(
             {**self.model, "mean_recurrence": run.mean_recurrence, "backprop_depth": run.backprop_depth}
         )
 
     def train_config(self, run: PlannedRun, data: str | None = None) -> TrainConfig:
-        fields = {**self.train, "steps": run.steps}
-        if data is not None:
-            fields["data"] = data
-        return TrainConfig(**fields)
+        data_field = {} if data is None else {"data": data}
+        return TrainConfig(**{**self.train, "steps": run.steps, **data_field})
 
     @property
     def seq_len(self) -> int:
@@ -84,8 +70,8 @@ class SweepPlan:
         root = Path(self.runs_dir)
         return root if root.is_absolute() else Path(plan_path).parent / root
 
-    # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
+        tokens_per_step = int(self.train["batch_size"]) * int(self.train["grad_accum"]) * self.seq_len
         return {
             "format": PLAN_FORMAT,
             "version": PLAN_VERSION,
@@ -93,12 +79,9 @@ class SweepPlan:
             "train": self.train,
             "eval_batches": self.eval_batches,
             "runs_dir": self.runs_dir,
-            "total_flops": sum(r.steps * self._tokens_per_step() * r.flops_per_token for r in self.runs),
+            "total_flops": sum(r.steps * tokens_per_step * r.flops_per_token for r in self.runs),
             "runs": [{**dataclasses.asdict(r), "eval_depths": list(r.eval_depths)} for r in self.runs],
         }
-
-    def _tokens_per_step(self) -> int:
-        return int(self.train["batch_size"]) * int(self.train["grad_accum"]) * self.seq_len
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -122,10 +105,6 @@ class SweepPlan:
         except (KeyError, TypeError) as err:
             raise ValueError(f"sweep plan {path} is incomplete or malformed ({err}).") from None
         return plan
-
-
-def run_name(budget: float, mean_recurrence: int) -> str:
-    return f"C{budget:.4g}".replace("+", "") + f"-mu{mean_recurrence:02d}"
 
 
 def make_plan(
@@ -173,20 +152,10 @@ def make_plan(
                     f"budget {budget:.3g} FLOPs at μ_rec {mean} is {budget / per_token:,.0f} tokens, less than one "
                     f"step of {tokens_per_step:,} tokens; raise the budget or lower batch_size × seq_len."
                 )
-            runs.append(
-                PlannedRun(
-                    name=run_name(budget, mean),
-                    budget_flops=float(budget),
-                    mean_recurrence=mean,
-                    backprop_depth=cfg.backprop_depth,
-                    flops_per_token=per_token,
-                    official_flops_per_token=official_flops_per_token(cfg, seq_len),
-                    steps=steps,
-                    tokens=steps * tokens_per_step,
-                    params=effective_params(cfg),
-                    eval_depths=tuple(sorted({*eval_depths, mean})),
-                )
-            )
+            name = f"C{budget:.4g}".replace("+", "") + f"-mu{mean:02d}"
+            official, tokens = official_flops_per_token(cfg, seq_len), steps * tokens_per_step
+            run = (name, float(budget), mean, cfg.backprop_depth, per_token, official, steps, tokens)
+            runs.append(PlannedRun(*run, effective_params(cfg), tuple(sorted({*eval_depths, mean}))))
     return SweepPlan(model_cfg.to_dict(), train_cfg.to_dict(), tuple(runs), eval_batches, runs_dir)
 
 
@@ -250,10 +219,8 @@ def _prepared_data(plan: SweepPlan, runs_dir: Path, echo: Echo) -> str:
     target = runs_dir / "data"
     if not is_prepared(target):
         echo(f"tokenizing {spec} into {target} (once for the sweep) …")
-        prepare(
-            spec, get_tokenizer(plan.train["tokenizer"]), target, text_field=plan.train["text_field"],
-            val_fraction=plan.train["val_fraction"], progress=False,
-        )  # fmt: skip
+        options = {"text_field": plan.train["text_field"], "val_fraction": plan.train["val_fraction"]}
+        prepare(spec, get_tokenizer(plan.train["tokenizer"]), target, **options, progress=False)
     return str(target.resolve())
 
 
@@ -281,19 +248,12 @@ def _append_rows(path: Path, rows: list[list[Any]]) -> None:
 
 
 def run_sweep(
-    plan_path: str | Path,
-    *,
-    echo: Echo = print,
-    emit: bool = False,
-    nproc: int = 1,
-    progress_bar: bool = False,
+    plan_path: str | Path, *, echo: Echo = print, emit: bool = False, nproc: int = 1, progress_bar: bool = False
 ) -> Path:
-    """Train every unfinished run of the plan, then evaluate every run not yet in the results CSV.
+    """Train every unfinished run of the plan, then evaluate every run not yet in the results CSV (returned).
 
-    With `emit`, nothing is trained: the `torchrun` command of every unfinished run is printed (its config is
-    written to RUNS/configs/NAME.yaml), followed by the command that evaluates them afterwards. Returns the
-    path of the results CSV.
-    """
+    With `emit`, nothing is trained: the `torchrun` command of every unfinished run is printed (its config written
+    to RUNS/configs/NAME.yaml), then the command that evaluates them afterwards."""
     from ..train.trainer import Trainer
 
     plan_path = Path(plan_path)
@@ -303,41 +263,39 @@ def run_sweep(
     results = runs_dir / RESULTS_FILE
     done_rows = read_result_runs(results)
     data = _prepared_data(plan, runs_dir, echo)
-    validation: dict[str, list] = {}  # the same validation batches for every run, read once
-    pending = []
+    validation: list = []  # the same validation batches for every run, read once
+    pending = False
     for index, run in enumerate(plan.runs, 1):
         run_dir = runs_dir / run.name
         model_cfg, train_cfg = plan.model_config(run), plan.train_config(run, data)
         state = run_state(run_dir)
-        if state in ("interrupted", "done"):
+        if state != "new":
             _check_same_run(run_dir, model_cfg, train_cfg)
         if state == "partial":
-            _check_same_run(run_dir, model_cfg, train_cfg)
             _set_aside(run_dir, echo)
             state = "new"
         if emit:
             if state != "done":
-                echo(_torchrun_command(run, run_dir, runs_dir, model_cfg, train_cfg, state, nproc))
+                echo(_torchrun_command(run_dir, model_cfg, train_cfg, state, nproc))
             continue
         tag = f"[{index}/{len(plan.runs)}] {run.name}"
-        if state != "done":
-            echo(f"{tag}: {'resuming' if state == 'interrupted' else 'training'} ({run.steps:,} steps, "
-                 f"{run.tokens:,} tokens)")  # fmt: skip
+        if state == "done":
+            echo(f"{tag}: already trained, skipped")
+        else:
+            verb = "resuming" if state == "interrupted" else "training"
+            echo(f"{tag}: {verb} ({run.steps:,} steps, {run.tokens:,} tokens)")
             started = time.perf_counter()
             if state == "interrupted":
                 trainer = Trainer(None, None, run_dir, resume=True, progress_bar=progress_bar, echo=echo)
             else:
                 trainer = Trainer(model_cfg, train_cfg, run_dir, progress_bar=progress_bar, echo=echo)
-            summary = trainer.train()
-            if summary["interrupted"]:
+            if trainer.train()["interrupted"]:
                 echo(f"{tag}: stopped; rerun `parcae sweep run {plan_path}` to resume the sweep.")
                 return results
             echo(f"{tag}: trained in {time.perf_counter() - started:.1f} s")
-        else:
-            echo(f"{tag}: already trained, skipped")
         if run.name not in done_rows:
-            pending.append(run)
-            _evaluate_run(plan, run, run_dir, data, results, validation, echo, tag)
+            pending = True
+            _evaluate_run(plan, run, runs_dir, data, validation, echo, tag)
     if emit:
         echo(f"# afterwards, evaluate every run into {results}:")
         echo(f"parcae sweep run {shlex.quote(str(plan_path))}")
@@ -346,19 +304,16 @@ def run_sweep(
     return results
 
 
-def _torchrun_command(
-    run: PlannedRun, run_dir: Path, runs_dir: Path, model_cfg: ParcaeConfig, train_cfg: TrainConfig, state: str,
-    nproc: int,
-) -> str:  # fmt: skip
+def _torchrun_command(run_dir: Path, model_cfg: ParcaeConfig, train_cfg: TrainConfig, state: str, nproc: int) -> str:
     launcher = f"torchrun --nproc-per-node {nproc} -m parcae train"
     if state == "interrupted":
         return f"{launcher} --resume {shlex.quote(str(run_dir))} --no-progress"
     import yaml
 
-    configs = runs_dir / "configs"
+    configs = run_dir.parent / "configs"
     configs.mkdir(exist_ok=True)
     # YAML, not JSON: `parcae train --config` parses with YAML 1.1, which reads JSON's 1e-05 as a string.
-    config_file = configs / f"{run.name}.yaml"
+    config_file = configs / f"{run_dir.name}.yaml"
     config_file.write_text(
         yaml.safe_dump({"model": model_cfg.to_dict(), "train": train_cfg.to_dict()}, sort_keys=False)
     )
@@ -366,9 +321,9 @@ def _torchrun_command(
 
 
 def _evaluate_run(
-    plan: SweepPlan, run: PlannedRun, run_dir: Path, data: str, results: Path, validation: dict[str, list],
-    echo: Echo, tag: str,
-) -> None:  # fmt: skip
+    plan: SweepPlan, run: PlannedRun, runs_dir: Path, data: str, validation: list, echo: Echo, tag: str
+) -> None:
+    """The run's loss at each of its eval depths, appended to the results CSV."""
     from ..data.packing import val_batches
     from ..data.shards import ShardStore
     from ..device import resolve_device
@@ -376,28 +331,22 @@ def _evaluate_run(
     from ..train.run import open_run
     from ..train.trainer import SUMMARY_FILE
 
+    run_dir = runs_dir / run.name
     loaded = open_run(run_dir, device=resolve_device(str(plan.train["device"])))
-    if "batches" not in validation:
-        store = ShardStore.open(data, "val")
-        batch_size = int(plan.train["batch_size"])
-        validation["batches"] = list(
-            val_batches(store, plan.seq_len, batch_size, plan.eval_batches, pad_id=loaded.tokenizer.pad_id)
-        )
+    if not validation:
+        store, batch_size = ShardStore.open(data, "val"), int(plan.train["batch_size"])
+        validation += val_batches(store, plan.seq_len, batch_size, plan.eval_batches, pad_id=loaded.tokenizer.pad_id)
     started = time.perf_counter()
-    depth_results = loss_by_depth(loaded.model, validation["batches"], list(run.eval_depths))
+    depth_results = loss_by_depth(loaded.model, validation, list(run.eval_depths))
+    seconds = time.perf_counter() - started
     tokens = json.loads((run_dir / SUMMARY_FILE).read_text())["tokens"]
-    rows = [
-        [run.name, run.params, f"{run.budget_flops:.6g}", run.mean_recurrence, run.backprop_depth, tokens,
-         r.depth, repr(float(r.loss))]
-        for r in depth_results
-    ]  # fmt: skip
-    _append_rows(results, rows)
+    fixed = [run.name, run.params, f"{run.budget_flops:.6g}", run.mean_recurrence, run.backprop_depth, tokens]
+    _append_rows(runs_dir / RESULTS_FILE, [[*fixed, r.depth, repr(float(r.loss))] for r in depth_results])
     at_mean = {r.depth: r.loss for r in depth_results}[run.mean_recurrence]
-    echo(f"{tag}: evaluated at T = {','.join(map(str, run.eval_depths))} in {time.perf_counter() - started:.1f} s; "
-         f"val loss {at_mean:.4f} at T = μ_rec")  # fmt: skip
+    depths = ",".join(map(str, run.eval_depths))
+    echo(f"{tag}: evaluated at T = {depths} in {seconds:.1f} s; val loss {at_mean:.4f} at T = μ_rec")
 
 
-# ---------------------------------------------------------------------- timing
 def estimate_seconds(plan: SweepPlan, probe_steps: int = 5, echo: Echo = print) -> float:
     """Wall time of the whole plan on this machine, from a few timed training steps per μ_rec on random tokens
     (median) and timed evaluation forwards at the smallest and largest depth (linear in T in between)."""
@@ -406,8 +355,7 @@ def estimate_seconds(plan: SweepPlan, probe_steps: int = 5, echo: Echo = print) 
     from ..model.parcae import Parcae
     from ..train.optim import build_optimizer
 
-    batch_size, seq_len = int(plan.train["batch_size"]), plan.seq_len
-    accum = int(plan.train["grad_accum"])
+    batch_size, seq_len, accum = int(plan.train["batch_size"]), plan.seq_len, int(plan.train["grad_accum"])
     step_seconds: dict[int, float] = {}
     eval_seconds: dict[int, tuple[float, float, int, int]] = {}
     for run in plan.runs:
@@ -415,7 +363,7 @@ def estimate_seconds(plan: SweepPlan, probe_steps: int = 5, echo: Echo = print) 
             continue
         cfg = plan.model_config(run)
         model = Parcae(cfg)
-        optimizer = build_optimizer(model, plan.train_config(run).optimizer_settings())
+        optimizer = build_optimizer(model, plan.train_config(run))
         ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len))
         times = []
         for step in range(probe_steps + 1):  # the first step warms up allocators and kernels
@@ -436,8 +384,8 @@ def estimate_seconds(plan: SweepPlan, probe_steps: int = 5, echo: Echo = print) 
                 model(ids, labels=ids, num_steps=depth, return_logits=False)
                 timed.append(time.perf_counter() - started)
         eval_seconds[run.mean_recurrence] = (timed[0], timed[1], low, high)
-        echo(f"μ_rec {run.mean_recurrence}: {step_seconds[run.mean_recurrence]:.3f} s/step, "
-             f"eval forward {timed[0]:.3f} s at T = {low}, {timed[1]:.3f} s at T = {high}")  # fmt: skip
+        timing = f"eval forward {timed[0]:.3f} s at T = {low}, {timed[1]:.3f} s at T = {high}"
+        echo(f"μ_rec {run.mean_recurrence}: {step_seconds[run.mean_recurrence]:.3f} s/step, {timing}")
     total = 0.0
     for run in plan.runs:
         low_s, high_s, low, high = eval_seconds[run.mean_recurrence]

@@ -1,13 +1,7 @@
 """glibc malloc tuning for CPU training: keep freed activation memory for reuse instead of returning it to the OS.
 
-PyTorch's CPU tensors come straight from malloc. glibc's defaults serve blocks above a moving threshold (≤ 32 MiB)
-with fresh `mmap`s and hand the top of the heap back to the kernel once enough of it is free. A training step
-frees most of its activations during backward, so every step re-faults them page by page on the next forward.
-On a 2-core VM an embedding's backward (zeroing a fresh [32768, 768] gradient) took 52.9 ms with the defaults
-and 10.3 ms tuned (`python benchmarks/op_speed.py embedding [--tuned-allocator]`, docs/LOG.md 2026-11-30).
-Intel's PyTorch CPU guide gets the same effect by preloading jemalloc or tcmalloc; `mallopt` needs no extra library.
-
-The cost is resident memory: up to `trim_threshold` bytes of freed memory stay mapped for the next step.
+glibc otherwise re-faults every step's activations page by page (an embedding backward: 52.9 → 10.3 ms on a
+2-core VM, docs/LOG.md 2026-11-30). The cost: up to `trim_threshold` bytes of freed memory stay resident.
 """
 
 from __future__ import annotations
@@ -37,7 +31,5 @@ def tune_cpu_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int
         return False
     if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: other C libraries lack these tunables
         return False
-    _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    )
+    _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     return _tuned

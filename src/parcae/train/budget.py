@@ -1,22 +1,17 @@
-"""What a `--minutes` budget covers, and when the trainer says how far it has got.
+"""What a budget counts (steps, tokens or the `--minutes` of the loop), and how far the run has got.
 
-A time budget is the wall-clock time of the training loop: the optimizer steps and the validations and
-checkpoints made along the way. Setup before the first step (tokenizing a raw corpus once per run, building
-the model, loading a checkpoint) and the closing validation and checkpoint after the last step are not
-counted: they do not grow with the budget, and counting the one-off tokenization would make the same
-`--minutes` train less on a first start than on a resume. `summary.json` reports both `train_seconds`
-(the budgeted time) and `wall_seconds` (since the trainer started: setup and closing work included).
-
-The loop stops before a step that would not end within the budget, together with the validation or
-checkpoint due after it: judged by the longest of the last few step times (depths are sampled, so step
-times vary) plus the last validation's or checkpoint's time. The first step of a process is always taken
-while time remains: nothing is known about its duration yet.
+A time budget counts the loop (steps, validations, checkpoints), not setup or the closing checkpoint, so the
+same `--minutes` trains alike on a first start and on a resume; a process's first step is always taken.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+from .config import TrainConfig
 
 # Step times kept for the estimate: enough to see the spread of sampled depths, few enough to follow a change.
 STEP_WINDOW = 8
@@ -50,6 +45,15 @@ class LoopTimes:
         return max(self._steps) + (self._validation if validates else 0.0) + (self._checkpoint if checkpoints else 0.0)
 
 
+def budget_steps(config: TrainConfig, tokens_per_step: int) -> int | None:
+    """The optimizer steps `config`'s budget amounts to (None for a time budget)."""
+    if config.steps is not None:
+        return int(config.steps)
+    if config.tokens is not None:
+        return max(1, math.ceil(config.tokens / tokens_per_step))
+    return None
+
+
 def time_allows_step(elapsed: float, budget_seconds: float, estimate: float | None) -> bool:
     """Whether a step started after `elapsed` seconds is expected to end within the budget."""
     if estimate is None:
@@ -57,18 +61,51 @@ def time_allows_step(elapsed: float, budget_seconds: float, estimate: float | No
     return elapsed + estimate <= budget_seconds
 
 
-@dataclass
-class StatusLines:
-    """When to print a one-line status without a progress bar: after the first step, then every `every`
-    seconds of wall-clock time (0: never)."""
+class ProgressDisplay:
+    """A tqdm bar (of seconds under a time budget, else of steps) or else a status line every `status_every` s."""
 
-    every: float
-    _last: float | None = None
+    def __init__(
+        self, bar: bool, status_every: float, minutes: float | None, echo: Callable[[str], None], val_depth: int | None
+    ) -> None:
+        """`val_depth`: the depth whose validation loss is shown (μ_rec of a looped model; None: the only one)."""
+        self.wants_bar, self.status_every, self.minutes, self.echo = bar, status_every, minutes, echo
+        self.val_depth = val_depth
+        self.bar: Any = None
+        self._last_status: float | None = None
 
-    def due(self, now: float) -> bool:
-        if self.every <= 0:
-            return False
-        if self._last is None or now - self._last >= self.every:
-            self._last = now
-            return True
-        return False
+    def open(self, total_steps: int | None, step: int, elapsed: float) -> None:
+        self.total_steps = total_steps
+        if not self.wants_bar:
+            return
+        from tqdm.auto import tqdm
+
+        if self.minutes is not None:
+            total = round(60 * self.minutes)
+            bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} s [{remaining} left{postfix}]"
+            initial = min(int(elapsed), total)
+            self.bar = tqdm(total=total, initial=initial, bar_format=bar_format, dynamic_ncols=True, mininterval=1.0)
+        else:
+            self.bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def show(self, record: dict[str, Any], val: dict[int, float], elapsed: float, fraction: float, now: float) -> None:
+        """After a step: its loss and throughput and the latest validation loss, on the bar or in a status line."""
+        figures = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tok_per_s']:,.0f}"}
+        depth = self.val_depth if self.val_depth is not None else min(val, default=None)
+        if depth in val:
+            figures[f"val@{depth}" if self.val_depth is not None else "val"] = f"{val[depth]:.3f}"
+        if self.bar is not None:
+            # Never past the total: tqdm shows a count beyond its total as "n/?" (validation may end past it).
+            self.bar.update(min(int(elapsed), self.bar.total) - self.bar.n if self.minutes is not None else 1)
+            self.bar.set_postfix(figures, refresh=False)
+            return
+        if self.status_every <= 0 or (self._last_status is not None and now - self._last_status < self.status_every):
+            return
+        self._last_status = now
+        seconds = f"{elapsed:,.0f}" + (f"/{60 * self.minutes:,.0f}" if self.minutes is not None else "")
+        text = " · ".join(f"{name} {value}" for name, value in figures.items())
+        total = f"/{self.total_steps:,}" if self.total_steps else ""
+        self.echo(f"step {record['step']:,}{total} · {text} · {seconds} s ({min(fraction, 1.0):.0%})")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,19 +1,8 @@
-"""Atomic, verifiable training checkpoints.
+"""Atomic, verifiable training checkpoints (docs/reliability.md: the guarantees and how they are tested).
 
-Layout of `RUN/checkpoints/step-00000100/`:
-- `config.json` + `model.safetensors` — a `save_pretrained` directory, loadable by `Parcae.from_pretrained`;
-- `optimizer.safetensors` (every tensor of the optimiser state) + `optimizer.json` (the rest);
-- `trainer_state.json` — step, tokens, data position, RNG states, a `manifest` of SHA-256 digests
-  of the other files and the digest of its own content, so truncation or bit rot anywhere is detected
-  before anything is loaded.
-Nothing is ever unpickled. A checkpoint is written into a temporary directory, fsynced, renamed into
-place, and only then does the `latest` pointer (itself replaced atomically) name it. Directories leave
-by a rename too (to a hidden name, then deleted), so at every instant each `step-*` directory is
-complete and `latest` names one of them: a crash (even SIGKILL) at any point loses at most the
-checkpoint being written. A write that fails (disk full, …) raises `CheckpointWriteError` and leaves
-the earlier checkpoints and `latest` as they were. The newest `keep` checkpoints are kept.
-The format does not depend on how the run was distributed: with FSDP, rank 0 writes the gathered full
-state in exactly this layout (`parcae.train.distributed`), so any checkpoint resumes at any world size.
+`step-XXXXXXXX/` holds a `save_pretrained` directory, the optimiser (safetensors + JSON) and `trainer_state.json`
+with the other files' SHA-256 and its own digest. Written to a hidden directory, fsynced, renamed, then `latest`
+is replaced atomically: a crash (even SIGKILL) loses at most the checkpoint being written. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -30,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.optim import Optimizer
 
 from ..model.parcae import Parcae
 
@@ -78,36 +68,9 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def optimizer_to_files(
-    optimizer: torch.optim.Optimizer | dict[str, Any],
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimiser state dict (or the optimiser's own) into tensors (for safetensors) and JSON-able rest."""
-    state_dict = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, entries in state_dict["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
-
-
-def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, entries in meta.get("scalars", {}).items():
-        state.setdefault(int(index), {}).update(entries)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 @dataclass
 class Snapshot:
-    """A checkpoint read into memory: trainer state, model weights (as saved: the tied head once) and the
-    optimiser state dict (parameters by index, as `Optimizer.state_dict()` numbers them)."""
+    """A checkpoint in memory: trainer state, weights as saved (the tied head once), optimiser state dict."""
 
     state: dict[str, Any]
     weights: dict[str, torch.Tensor]
@@ -119,14 +82,9 @@ class CheckpointManager:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = max(1, keep)
 
-    # ------------------------------------------------------------------ writing
-    def save(
-        self, step: int, model: Parcae, optimizer: torch.optim.Optimizer | dict[str, Any], state: dict[str, Any]
-    ) -> Path:
-        """Write checkpoint `step` (the optimiser or its state dict) and point `latest` at it.
-
-        An OSError on the way (disk full, …) removes the partial files and raises `CheckpointWriteError`;
-        the earlier checkpoints and `latest` are left as they were."""
+    def save(self, step: int, model: Parcae, optimizer: Optimizer | dict[str, Any], state: dict[str, Any]) -> Path:
+        """Write checkpoint `step` and point `latest` at it. An OSError (disk full, …) removes the partial files and
+        raises `CheckpointWriteError`; earlier checkpoints and `latest` are left as they were."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{_PREFIX}{step:08d}"
         tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
@@ -144,18 +102,26 @@ class CheckpointManager:
         self._prune()
         return final
 
-    def _write(
-        self, tmp: Path, step: int, model: Parcae, optimizer: torch.optim.Optimizer | dict[str, Any],
-        state: dict[str, Any],
-    ) -> None:  # fmt: skip
+    def _write(self, tmp: Path, step: int, model: Parcae, optimizer: Optimizer | dict[str, Any], state: dict) -> None:
         """Every file of the checkpoint into `tmp`, fsynced (the manifest and the state digest last)."""
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         model.save_pretrained(tmp)
-        tensors, meta = optimizer_to_files(optimizer)
+        # The optimiser state's tensors go to safetensors, the rest (param groups, scalars) to JSON.
+        state_dict = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entries in state_dict["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        (tmp / "optimizer.json").write_text(
+            json.dumps({"param_groups": state_dict["param_groups"], "scalars": scalars})
+        )
         manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         payload = {**state, "step": step, "manifest": manifest}
         with (tmp / STATE_FILE).open("w") as handle:
@@ -169,8 +135,7 @@ class CheckpointManager:
         """Rename the complete `tmp` to `final` and point `latest` at it."""
         if final.exists():  # a re-save of a step, after resuming from an earlier checkpoint: replace it whole
             if self.latest() == final:
-                # Never leave `latest` naming a directory that is being replaced: point it at the newest
-                # older intact checkpoint (the one this run resumed from, at the latest) until `final` is back.
+                # Never leave `latest` naming a directory being replaced: point it at an older intact one meanwhile.
                 older = self.newest_valid(before=final)
                 if older is not None:
                     write_atomic(self.root / LATEST, older.name + "\n")
@@ -188,14 +153,12 @@ class CheckpointManager:
     def _prune(self) -> None:
         for stale in self.root.glob(f".{_PREFIX}*"):  # left by a crash: partial writes and half-deleted trash
             shutil.rmtree(stale, ignore_errors=True)
-        complete = self.list()
         latest = self.latest()
-        for path in complete[: -self.keep]:
+        for path in self.list()[: -self.keep]:
             if path != latest:
                 with contextlib.suppress(OSError):
                     self._discard(path)
 
-    # ------------------------------------------------------------------ reading
     def list(self) -> list[Path]:
         """Checkpoint directories by step (each complete when written; `verify` checks it still is)."""
         if not self.root.is_dir():
@@ -233,13 +196,10 @@ class CheckpointManager:
 
     def newest_valid(self, before: Path | None = None) -> Path | None:
         for path in reversed(self.list()):
-            if before is not None and path.name >= before.name:
-                continue
-            try:
-                self.verify(path)
-            except CheckpointError:
-                continue
-            return path
+            if before is None or path.name < before.name:
+                with contextlib.suppress(CheckpointError):
+                    self.verify(path)
+                    return path
         return None
 
     def read(self, path: Path, device: str | torch.device = "cpu") -> Snapshot:
@@ -252,10 +212,15 @@ class CheckpointManager:
             raise CheckpointError(f"{err}{hint if fallback else ''}") from None
         weights = load_file(str(path / "model.safetensors"), device=str(device))
         meta = json.loads((path / "optimizer.json").read_text())
-        tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
-        return Snapshot(state=state, weights=weights, optimizer=optimizer_from_files(tensors, meta))
+        optimizer: dict[int, dict[str, Any]] = {}
+        for name, tensor in load_file(str(path / "optimizer.safetensors"), device=str(device)).items():
+            index, key = name.split(".", 1)
+            optimizer.setdefault(int(index), {})[key] = tensor
+        for index, entries in meta.get("scalars", {}).items():
+            optimizer.setdefault(int(index), {}).update(entries)
+        return Snapshot(state, weights, {"state": optimizer, "param_groups": meta["param_groups"]})
 
-    def load(self, path: Path, model: Parcae, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def load(self, path: Path, model: Parcae, optimizer: Optimizer) -> dict[str, Any]:
         """Verify, then restore model and optimiser in place; returns the trainer state."""
         snapshot = self.read(path, device=next(model.parameters()).device)
         model.load_weights(snapshot.weights)

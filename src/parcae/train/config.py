@@ -22,7 +22,6 @@ import yaml
 
 from ..model.config import DEPTH_SAMPLING, INJECTIONS, MLPS, STATE_INITS, ParcaeConfig, field_type_error, get_preset
 from .checkpoint import write_atomic
-from .optim import OptimizerSettings
 from .schedule import SCHEDULES
 
 RUN_CONFIG = "run_config.json"
@@ -69,7 +68,7 @@ class TrainConfig:
     # Runtime.
     seed: int = 0  # seeds the weights, the data order, the sampled depths and h₀
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto | cpu | cuda, each rank cuda:LOCAL_RANK)
-    compile: bool = False  # torch.compile each block (dynamic shapes: changing active rows do not recompile)
+    compile: bool = False  # torch.compile per loop iteration, before and after the loop (Parcae.compile_loop)
     tune_allocator: bool = True  # on CPU: tune glibc malloc to reuse freed activations (parcae.train.allocator)
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded per block)
     lockstep: bool = False  # every rank draws the same depths and h₀ at a micro-step (else seeded per rank)
@@ -98,6 +97,8 @@ class TrainConfig:
         self._validate()
 
     def _validate(self) -> None:
+        """Ranges and choices (`field_type_error` has checked every type)."""
+
         def fail(sentence: str) -> None:
             raise ValueError(f"Invalid training config: {sentence}")
 
@@ -105,14 +106,12 @@ class TrainConfig:
         if len(budgets) > 1:
             fail(f"give exactly one budget (steps, tokens or minutes), got {', '.join(budgets)}.")
         for name in BUDGETS:
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                fail(f"{name} must be a positive number, got {value!r}.")
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                fail(f"{name} must be a positive number, got {getattr(self, name)!r}.")
         for name in ("batch_size", "grad_accum", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(f"{name} must be a positive integer, got {value!r}.")
-        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.seq_len is not None and self.seq_len < 1:
             fail(f"seq_len must be a positive integer, got {self.seq_len!r}.")
         if self.eval_batches < 0:
             fail(f"eval_batches must be ≥ 0, got {self.eval_batches}.")
@@ -120,9 +119,6 @@ class TrainConfig:
             fail(f"unknown optimizer {self.optimizer!r}; choose 'muon' or 'adamw'.")
         if self.parallel not in PARALLEL_MODES:
             fail(f"unknown parallel mode {self.parallel!r}; choose one of {', '.join(PARALLEL_MODES)}.")
-        for name in ("lockstep", "tune_allocator", "compile"):
-            if not isinstance(getattr(self, name), bool):
-                fail(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.schedule not in SCHEDULES:
             fail(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         for name in ("warmup", "cooldown", "min_lr_ratio"):
@@ -151,18 +147,6 @@ class TrainConfig:
         if not 0 <= self.seed < 2**63:
             fail(f"seed must lie in [0, 2⁶³), got {self.seed}.")
 
-    def optimizer_settings(self) -> OptimizerSettings:
-        return OptimizerSettings(
-            kind=self.optimizer,
-            lr=self.lr,
-            muon_lr=self.muon_lr,
-            adam_betas=(self.adam_beta1, self.adam_beta2),
-            adam_eps=self.adam_eps,
-            weight_decay=self.weight_decay,
-            muon_momentum=self.muon_momentum,
-            muon_weight_decay=self.muon_weight_decay,
-        )
-
     def depths_to_evaluate(self, mean_recurrence: int) -> list[int]:
         if self.eval_depths is not None:
             return sorted(set(self.eval_depths))
@@ -179,19 +163,16 @@ _MODEL_FIELDS = {f.name for f in dataclasses.fields(ParcaeConfig)}
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+# Floats written with an exponent but no dot ("1e-3", as JSON writers emit them), which YAML 1.1 leaves as strings.
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def parse_value(text: str) -> Any:
     """A `--set` value: YAML scalars and lists (1e-3, true, [1, 2, 4], null); anything else is a string."""
     try:
-        value = yaml.safe_load(text)
+        return _numbers_from_strings(yaml.safe_load(text))
     except yaml.YAMLError:
         return text
-    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads "1e-3" as a string
-    return value
-
-
-# Floats written with an exponent but no dot, which YAML 1.1 leaves as strings.
-_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def parse_overrides(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -243,7 +224,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _numbers_from_strings(value: Any) -> Any:
-    """YAML 1.1 reads exponent floats without a dot ("1e-05", as JSON writers emit them) as strings."""
     if isinstance(value, dict):
         return {key: _numbers_from_strings(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -309,11 +289,8 @@ def sets_vocab(config_file: str | None, overrides: list[str]) -> bool:
 def fit_vocab_to_tokenizer(
     model_cfg: ParcaeConfig, train_cfg: TrainConfig, *, explicit: bool
 ) -> tuple[ParcaeConfig, str | None]:
-    """The model config with the vocabulary of the run's tokenizer (`--tokenizer`, or the one a prepared data
-    directory holds), and a one-line note when that changed vocab_size.
-
-    Unless vocab_size was given explicitly, it becomes the tokenizer's size padded to a multiple of
-    VOCAB_MULTIPLE (so the byte tokenizer keeps the tiny presets' 320); an explicit one must hold every token."""
+    """The model config with vocab_size from the run's tokenizer padded to VOCAB_MULTIPLE (an `explicit` one must
+    hold every token), and a one-line note when that changed vocab_size."""
     from ..data.shards import is_prepared
     from ..data.tokenizer import get_tokenizer, load_tokenizer
 
@@ -337,8 +314,7 @@ def fit_vocab_to_tokenizer(
     return model_cfg.replace(vocab_size=rows), note
 
 
-# ---------------------------------------------------------------------- `parcae train --list-keys`
-# Keys whose value is one of a few names: --list-keys shows them.
+# `parcae train --list-keys` shows the choices of keys whose value is one of a few names.
 _CHOICES: dict[str, tuple[str, ...]] = {
     "injection": INJECTIONS, "depth_sampling": DEPTH_SAMPLING, "state_init": STATE_INITS, "mlp": MLPS,
     "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "parallel": PARALLEL_MODES,
@@ -346,8 +322,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Each dataclass field's trailing `# comment` in the class source: the help --list-keys shows, kept
-    beside the field it describes. Empty when the source is not available (the keys are listed anyway)."""
+    """Each dataclass field's trailing `# comment`: the help --list-keys shows (empty without the source)."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):

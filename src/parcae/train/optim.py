@@ -1,32 +1,18 @@
-"""The paper's optimiser: Muon for the hidden matrices, AdamW for everything else (Table 20).
-
-`torch.optim.Muon` (torch ≥ 2.9) runs a fixed-coefficient Newton–Schulz iteration and has no
-variance reduction or cautious decay, so it cannot reproduce the recipe; `MuonAdamW` below implements
-the paper's Muon directly:
-1. Nesterov-style momentum: m ← β·m + (1−β)·g, update direction u = (1−β)·g + β·m.
-2. Polar Express orthogonalisation of u (5 quintic steps with per-step coefficients, Amsel et al. 2025,
-   2 % safety factor), on the smaller Gram side, batched over matrices of the same shape.
-3. NorMuon variance reduction: a per-row (tall) / per-column (wide) EMA of the squared update (β₂ 0.95)
-   rescales the update, whose Frobenius norm is then restored.
-4. Step p ← p − lr·√max(1, rows/cols)·u − lr·wd·p·[u·p ≥ 0] (cautious decoupled weight decay).
-AdamW groups use bias-corrected Adam with decoupled weight decay.
-
-Which parameters go where is decided by module type, never by parameter names: the `nn.Linear`
-projections of `Attention` and `MLP` (q, k, v, out, up, gate, down) are Muon's; embeddings, head, norms,
-value-embedding gates, the injection (A_log, Δ, B) and the readout C are AdamW's.
+"""The paper's optimiser: Muon (Polar Express, NorMuon, cautious weight decay) for the hidden matrices of
+Attention/MLP, AdamW for everything else (Table 20). Parameters are assigned by module type, never by name.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
 from ..model.layers import MLP, Attention
+from .config import TrainConfig
 
 # Polar Express coefficients (a, b, c) for 5 iterations of X ← aX + b(XXᵀ)X + c(XXᵀ)²X, from the
 # Polar Express paper (arXiv 2505.16932) with a 2 % safety factor — the schedule the paper's Muon uses.
@@ -57,28 +43,9 @@ def orthogonalize(update: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     return x.to(update.dtype)
 
 
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """Hyper-parameters of `build_optimizer`; defaults are the paper's recipe for its 140M model."""
-
-    kind: str = "muon"  # "muon" (Muon + AdamW, the paper) or "adamw" (AdamW for everything)
-    lr: float = 8e-3  # AdamW groups (embeddings, head, norms, injection, readout)
-    muon_lr: float = 8e-3
-    adam_betas: tuple[float, float] = (0.8, 0.95)
-    adam_eps: float = 1e-10
-    weight_decay: float = 0.0  # AdamW
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.2
-    muon_beta2: float = 0.95
-    ns_steps: int = 5
-
-
 class MuonAdamW(torch.optim.Optimizer):
-    """One optimiser, two algorithms: each param group has `algorithm` ∈ {"muon", "adamw"}.
-
-    A single optimiser keeps checkpointing and LR scheduling uniform: the trainer scales every group's
-    `lr` from its `base_lr` and sets Muon's `momentum` / `weight_decay` schedules per step.
-    """
+    """Each param group has `algorithm` ∈ {"muon", "adamw"}: one optimiser keeps checkpoints and LR schedules
+    uniform (the trainer scales each group's `lr` from its `base_lr` and sets Muon's schedules per step)."""
 
     def __init__(self, param_groups: list[dict]) -> None:
         defaults = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, beta2=0.95, ns_steps=5)
@@ -138,8 +105,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _by_shape(group: dict) -> list[list[Tensor]]:
-        """The group's parameters with a gradient, by shape: same-shape matrices are stacked so that one batched
-        orthogonalisation serves them all."""
+        """The group's parameters with a gradient, by shape: one batched orthogonalisation serves each shape."""
         by_shape: dict[torch.Size, list[Tensor]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is not None:
@@ -147,8 +113,7 @@ class MuonAdamW(torch.optim.Optimizer):
         return list(by_shape.values())
 
     def _muon_state(self, p: Tensor) -> dict:
-        """Momentum (shaped like p) and NorMuon's second moment (one value per row of a tall matrix, per column of
-        a wide one), created on first use."""
+        """Momentum and NorMuon's second moment (per row of a tall matrix, per column of a wide one), made lazily."""
         state = self.state[p]
         if not state:
             rows, cols = p.shape
@@ -158,8 +123,8 @@ class MuonAdamW(torch.optim.Optimizer):
         return state
 
     def _normuon(self, update: Tensor, params: list[Tensor], group: dict) -> Tensor:
-        """NorMuon: normalise each row (tall) / column (wide) of the stacked orthogonalised updates [n, rows, cols]
-        by its running RMS, keeping each update's overall norm; updates the second moments of `params`."""
+        """NorMuon: scale each row (tall) / column (wide) of the stacked updates [n, rows, cols] by its running RMS,
+        keeping each update's norm; updates the second moments of `params`."""
         rows, cols = update.shape[-2:]
         reduce_dim = -1 if rows >= cols else -2
         second = torch.stack([self.state[p]["second_moment"] for p in params])
@@ -181,6 +146,31 @@ class MuonAdamW(torch.optim.Optimizer):
         p.sub_(step, alpha=group["lr"] * math.sqrt(max(1.0, rows / cols)))
 
 
+class ShardedMuonAdamW(MuonAdamW):
+    """`MuonAdamW` for FSDP2-sharded (DTensor) parameters. AdamW and the momentum are element-wise and stay
+    sharded; Muon's direction is all-gathered per matrix and orthogonalised on every rank (identical inputs, so an
+    identical update), and each rank applies its own rows, mirroring `MuonAdamW._muon_step` op for op."""
+
+    def _muon_step(self, group: dict) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if not any(isinstance(p, DTensor) for p in group["params"]):
+            super()._muon_step(group)
+            return
+        beta = group["momentum"]
+        for params in self._by_shape(group):
+            directions = []
+            for p in params:
+                state = self._muon_state(p)  # sharded like p; the second moment whole, the same on every rank
+                state["momentum_buffer"].lerp_(p.grad, 1 - beta)
+                directions.append(p.grad.lerp(state["momentum_buffer"], beta).full_tensor())
+            update = self._normuon(orthogonalize(torch.stack(directions), group["ns_steps"]).float(), params, group)
+            for i, p in enumerate(params):
+                # This rank's rows of the (identical) full update: a local slice, no communication.
+                step = distribute_tensor(update[i].to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+                self._apply_update(p, step, group)
+
+
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(muon, adamw) by module type: the hidden projections of Attention/MLP go to Muon."""
     muon: dict[int, nn.Parameter] = {}
@@ -193,24 +183,15 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return list(muon.values()), adamw
 
 
-def build_optimizer(model: nn.Module, settings: OptimizerSettings) -> MuonAdamW:
-    common_adam = dict(betas=settings.adam_betas, eps=settings.adam_eps, weight_decay=settings.weight_decay)
-    if settings.kind == "adamw":
-        return MuonAdamW([dict(params=list(model.parameters()), algorithm="adamw", lr=settings.lr, **common_adam)])
-    if settings.kind != "muon":
-        raise ValueError(f"unknown optimizer {settings.kind!r}; choose 'muon' or 'adamw'.")
-    muon, adamw = split_parameters(model)
-    groups: list[dict] = [dict(params=adamw, algorithm="adamw", lr=settings.lr, **common_adam)]
-    if muon:
-        groups.append(
-            dict(
-                params=muon,
-                algorithm="muon",
-                lr=settings.muon_lr,
-                momentum=settings.muon_momentum,
-                weight_decay=settings.muon_weight_decay,
-                beta2=settings.muon_beta2,
-                ns_steps=settings.ns_steps,
-            )
-        )
-    return MuonAdamW(groups)
+def build_optimizer(model: nn.Module, config: TrainConfig, *, sharded: bool = False) -> MuonAdamW:
+    """The optimiser `config` names over `model`; `sharded`: its parameters are FSDP2 DTensors."""
+    adam = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        groups = [dict(params=list(model.parameters()), algorithm="adamw", lr=config.lr, **adam)]
+    else:  # muon (TrainConfig admits no other)
+        muon, rest = split_parameters(model)
+        groups = [dict(params=rest, algorithm="adamw", lr=config.lr, **adam)]
+        if muon:  # NorMuon's β₂ and the number of Polar Express steps are the recipe's, not settings
+            muon_settings = dict(momentum=config.muon_momentum, weight_decay=config.muon_weight_decay, beta2=0.95)
+            groups.append(dict(params=muon, algorithm="muon", lr=config.muon_lr, **muon_settings, ns_steps=5))
+    return (ShardedMuonAdamW if sharded else MuonAdamW)(groups)

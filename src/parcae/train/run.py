@@ -9,7 +9,8 @@ import torch
 
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..model.config import ParcaeConfig
-from ..model.parcae import CONFIG_FILE, WEIGHTS_FILE, Parcae
+from ..model.io import CONFIG_FILE, WEIGHTS_FILE
+from ..model.parcae import Parcae
 from .checkpoint import CheckpointManager
 from .config import RUN_CONFIG, TrainConfig, load_run_config
 

@@ -1,9 +1,4 @@
-"""Learning-rate and Muon schedules, as functions of training progress in [0, 1].
-
-Progress is step / total_steps for step and token budgets and elapsed / allowed time for a
-`--minutes` budget, so one schedule serves every budget kind. A warm-up given in steps
-(`warmup_steps`) does not depend on the budget, so it survives a resume with a new one.
-"""
+"""Learning-rate and Muon schedules, as functions of training progress in [0, 1] (step or time fraction)."""
 
 from __future__ import annotations
 
@@ -13,12 +8,9 @@ SCHEDULES = ("trapezoid", "cosine", "constant")
 
 
 def lr_multiplier(progress: float, kind: str, warmup: float, cooldown: float, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base LR.
-
-    trapezoid: linear warm-up over the first `warmup` fraction, constant, then linear decay to
-    `min_ratio` over the last `cooldown` fraction (the paper: 0 % warm-up, 50 % cooldown to 0).
-    cosine: warm-up, then cosine decay to `min_ratio`. constant: warm-up, then 1.
-    """
+    """Multiplier of the base LR: a linear warm-up over the first `warmup` fraction, then constant; trapezoid:
+    linear decay to `min_ratio` over the last `cooldown` fraction (the paper: 0 % warm-up, 50 % cooldown to 0);
+    cosine: cosine decay to `min_ratio` after the warm-up."""
     progress = min(max(progress, 0.0), 1.0)
     if warmup > 0 and progress < warmup:
         return progress / warmup
@@ -30,8 +22,7 @@ def lr_multiplier(progress: float, kind: str, warmup: float, cooldown: float, mi
         remaining = (1.0 - progress) / cooldown
         return min_ratio + (1.0 - min_ratio) * remaining
     if kind == "cosine":
-        span = max(1.0 - warmup, 1e-12)
-        phase = (progress - warmup) / span
+        phase = (progress - warmup) / max(1.0 - warmup, 1e-12)
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * phase))
     raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}.")
 
@@ -47,14 +38,9 @@ def scheduled_lr(
     cooldown: float,
     min_ratio: float = 0.0,
 ) -> float:
-    """The LR multiplier of optimizer step `step` (0-based), at `fraction` of a time budget when `total_steps`
-    is None. `warmup_steps`, when given, replaces the `warmup` fraction.
-
-    The schedule is read at the middle of the step, so neither the first warm-up step nor the last cooldown
-    step gets a learning rate of exactly zero. With a known number of steps, `warmup_steps` is the equivalent
-    fraction (the same shape, cosine included); under a time budget it is a linear ramp over those steps
-    multiplying the rest of the schedule.
-    """
+    """The LR multiplier of step `step` (0-based; `fraction` of a time budget when `total_steps` is None), read at
+    the step's middle so no step gets exactly zero. `warmup_steps` replaces `warmup`: as the equivalent fraction,
+    or under a time budget as a linear ramp (a warm-up in steps survives a resume with a new budget)."""
     position = fraction if total_steps is None else (step + 0.5) / total_steps
     if warmup_steps is None:
         return lr_multiplier(position, kind, warmup, cooldown, min_ratio)
@@ -66,9 +52,7 @@ def scheduled_lr(
 
 def muon_momentum(step: int, final: float = 0.95, start: float = 0.85, warmup_steps: int = 300) -> float:
     """Muon momentum warms linearly from 0.85 to 0.95 over the first 300 steps (the paper's recipe)."""
-    if step >= warmup_steps:
-        return final
-    return start + (final - start) * step / warmup_steps
+    return final if step >= warmup_steps else start + (final - start) * step / warmup_steps
 
 
 def muon_weight_decay(progress: float, initial: float) -> float:

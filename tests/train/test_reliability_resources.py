@@ -22,7 +22,7 @@ from parcae.data.tokenizer import ByteTokenizer
 from parcae.train import checkpoint
 from parcae.train.checkpoint import CheckpointManager
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from faults import check_checkpoints, file_digests, train_argv, write_corpus
 
 FULL = OSError(errno.ENOSPC, "No space left on device")

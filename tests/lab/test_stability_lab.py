@@ -18,13 +18,7 @@ from parcae.train.trainer import Trainer
 _STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Micro-model tensors are tiny: a second intra-op thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +34,8 @@ def curves(loss, state=None, skipped=(), final_norms=None) -> RunCurves:
     steps = list(range(1, len(loss) + 1))
     val = [{"event": "val", "state_norm": final_norms}] if final_norms else []
     state = state if state is not None else [10.0] * len(loss)
-    return RunCurves(steps=steps, loss=list(loss), grad_norm=[1.0] * len(loss), rho_A=[0.5] * len(loss),
-                     state_norm=list(state), residual=[0.1] * len(loss), skipped_steps=list(skipped),
-                     validations=val)  # fmt: skip
+    return RunCurves(steps=steps, loss=list(loss), rho_A=[0.5] * len(loss), state_norm=list(state),
+                     skipped_steps=list(skipped), validations=val)  # fmt: skip
 
 
 def verdict(run: RunCurves, **kwargs):

@@ -47,16 +47,16 @@ def test_full_cache_reproduces_the_forward_at_every_position(variant: str, steps
 
 def test_seeded_initial_state_depends_only_on_position() -> None:
     model = model_for()
-    short = model._initial_state(torch.empty(3, 10, 64), 5, None)
-    long = model._initial_state(torch.empty(2, 20, 64), 5, None)
+    short = model.initial_state(torch.empty(3, 10, 64), 5, None)
+    long = model.initial_state(torch.empty(2, 20, 64), 5, None)
     torch.testing.assert_close(short[:2], long[:, :10], atol=0, rtol=0)
     torch.testing.assert_close(short[0], short[2], atol=0, rtol=0)  # the same in every row
-    shifted = model._initial_state(torch.empty(2, 4, 64), 5, None, positions=6)
+    shifted = model.initial_state(torch.empty(2, 4, 64), 5, None, positions=6)
     torch.testing.assert_close(shifted, long[:, 6:10], atol=0, rtol=0)
-    assert not torch.equal(short, model._initial_state(torch.empty(3, 10, 64), 6, None))
+    assert not torch.equal(short, model.initial_state(torch.empty(3, 10, 64), 6, None))
     model.train()  # training draws per-row states from (seed, step, rank)
-    drawn = model._initial_state(torch.empty(2, 10, 64), None, 3)
-    torch.testing.assert_close(drawn, model._initial_state(torch.empty(2, 10, 64), None, 3), atol=0, rtol=0)
+    drawn = model.initial_state(torch.empty(2, 10, 64), None, 3)
+    torch.testing.assert_close(drawn, model.initial_state(torch.empty(2, 10, 64), None, 3), atol=0, rtol=0)
     assert not torch.equal(drawn[0], drawn[1])
 
 

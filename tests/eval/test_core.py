@@ -37,7 +37,7 @@ from parcae.eval.core import (
 )
 from parcae.eval.scoring import Row, pack_groups, score_groups
 
-SHARED_CORE = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "core"
+SHARED_CORE = Path(__file__).resolve().parents[2].parent / "shared" / "eval" / "core"
 LETTERS = "abcdefghijklmnopqrstuvwxyz "
 TOK = ByteTokenizer()
 

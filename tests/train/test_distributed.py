@@ -30,7 +30,8 @@ from parcae.data.packing import BestFitPacker
 from parcae.data.shards import MemoryStore, prepare
 from parcae.data.tokenizer import get_tokenizer
 from parcae.train.config import TrainConfig
-from parcae.train.distributed import InterleavedPacker, restore_packer
+from parcae.train.distributed import InterleavedPacker
+from parcae.train.resume import restore_packer
 from parcae.train.trainer import Trainer
 
 WORLD = 2
@@ -129,13 +130,7 @@ def _free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one thread is as fast, and two workers plus two threads would oversubscribe 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -315,5 +310,8 @@ def test_cli_resume_takes_parallel_but_not_run_settings(tmp_path: Path, capsys) 
     code = main(["train", "--resume", str(tmp_path), "--lockstep"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "only a new budget and --parallel" in err and "\n" not in err
+    # Settings a resumed run would not use are refused by name, never silently ignored.
+    code = main(["train", "--resume", str(tmp_path), "--lr", "0.1", "--batch-size", "4", "--device", "cpu"])
+    assert code == 2 and "not --batch-size, --lr, --device" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown parallel mode 'mpi'"):
         TrainConfig(parallel="mpi")

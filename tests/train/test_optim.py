@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from parcae import Parcae, get_preset
-from parcae.train.optim import MuonAdamW, OptimizerSettings, build_optimizer, orthogonalize, split_parameters
+from parcae.train.config import TrainConfig
+from parcae.train.optim import MuonAdamW, build_optimizer, orthogonalize, split_parameters
 from parcae.train.schedule import lr_multiplier, muon_momentum, muon_weight_decay
 
 
@@ -88,10 +89,11 @@ def test_cautious_weight_decay_only_where_update_and_weight_agree() -> None:
 
 def test_build_optimizer_adamw_only() -> None:
     model = Parcae(get_preset("parcae-micro"))
-    opt = build_optimizer(model, OptimizerSettings(kind="adamw", lr=1e-3))
+    opt = build_optimizer(model, TrainConfig(optimizer="adamw", lr=1e-3))
     assert [g["algorithm"] for g in opt.param_groups] == ["adamw"]
+    assert [g["algorithm"] for g in build_optimizer(model, TrainConfig()).param_groups] == ["adamw", "muon"]
     with pytest.raises(ValueError, match="unknown optimizer"):
-        build_optimizer(model, OptimizerSettings(kind="sgd"))
+        build_optimizer(model, TrainConfig(optimizer="sgd"))
 
 
 def test_schedules() -> None:

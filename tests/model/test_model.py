@@ -69,7 +69,7 @@ def test_matches_naive_reference_in_eval(overrides: dict) -> None:
     h0 = None
     if model.config.is_looped:
         e_shape = (*x.shape, model.config.d_state)
-        h0 = model._initial_state(torch.empty(*x.shape, model.config.d_model), 7, None)
+        h0 = model.initial_state(torch.empty(*x.shape, model.config.d_model), 7, None)
         assert h0.shape == e_shape
     expected, _ = reference.forward(model, x, DepthPlan.fixed(3, 3, 3), h0)
     torch.testing.assert_close(out.logits, expected, atol=2e-4, rtol=2e-4)
@@ -134,7 +134,7 @@ def test_compacted_loop_equals_masked_reference(make_plan) -> None:
     out.loss.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    h0 = model._initial_state(torch.empty(5, 10, 64), 3, None)
+    h0 = model.initial_state(torch.empty(5, 10, 64), 3, None)
     logits, loss = reference.forward(model, x, plan, h0, labels=x)
     loss.backward()
     torch.testing.assert_close(out.logits, logits, atol=2e-4, rtol=2e-4)
@@ -157,7 +157,7 @@ def test_truncated_backprop_stops_gradient_at_the_no_grad_steps() -> None:
         run().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    h0 = model._initial_state(torch.empty(4, 8, 64), 0, None)
+    h0 = model.initial_state(torch.empty(4, 8, 64), 0, None)
     ours = grads(lambda: model(x, labels=x, depth_plan=plan, state_seed=0).loss)
     truncated = grads(lambda: reference.forward(model, x, plan, h0, labels=x)[1])
     full = grads(lambda: reference.forward(model, x, plan, h0, labels=x, truncate=False)[1])
@@ -222,7 +222,7 @@ def test_paper_init() -> None:
 @pytest.mark.parametrize("state_init", ["like-init", "normal", "zero"])
 def test_state_init(state_init: str) -> None:
     model = Parcae(small(state_init=state_init)).eval()
-    h = model._initial_state(torch.empty(4, 32, 64), 0, None)
+    h = model.initial_state(torch.empty(4, 32, 64), 0, None)
     sigma = model.config.init_std
     if state_init == "zero":
         assert torch.count_nonzero(h) == 0

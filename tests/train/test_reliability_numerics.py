@@ -22,7 +22,7 @@ from parcae.data.tokenizer import ByteTokenizer
 from parcae.train.config import TrainConfig
 from parcae.train.trainer import Trainer, TrainingError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from faults import step_losses, write_corpus
 
 STEPS = 8

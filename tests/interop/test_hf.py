@@ -22,7 +22,7 @@ from parcae.interop.hf import ParcaeForCausalLM, ParcaeHFConfig, hf_tokenizer  #
 from parcae.train.config import TrainConfig  # noqa: E402
 from parcae.train.run import open_run  # noqa: E402
 from parcae.train.trainer import Trainer  # noqa: E402
-from test_interop import VARIANTS, official_checkpoint, official_forward  # noqa: E402
+from test_official import VARIANTS, official_checkpoint, official_forward  # noqa: E402
 
 _STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TEXTS = ["def fib(n):\n    return n", "héllo wörld ✓ 🙂", "a\tb\r\nc", "<|bos|> is text here", ""]
@@ -174,7 +174,7 @@ def test_byte_tokenizer_exports_with_identical_ids(tmp_path: Path) -> None:
         ids = fast.encode(text, add_special_tokens=False)
         assert ids == byte.encode(text)
         assert fast.decode(ids) == text
-    from parcae.interop.official import save_hf_tokenizer
+    from parcae.interop.hf_directory import save_hf_tokenizer
 
     save_hf_tokenizer(byte, tmp_path, model_max_length=64)
     ours, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)

@@ -20,7 +20,7 @@ from lm_eval.api.registry import get_model
 
 from parcae import Parcae, get_preset
 from parcae.interop.lm_eval import ParcaeLM
-from test_eval_core import TOK, BigramModel, greedy_chain, letter_tables
+from test_core import TOK, BigramModel, greedy_chain, letter_tables
 
 
 def requests(kind: str, args: list[tuple]) -> list[Instance]:

@@ -25,7 +25,7 @@ from parcae.eval.scoring import (
 )
 from test_model import ids, randomise, small
 
-SHARED_CORE = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "core"
+SHARED_CORE = Path(__file__).resolve().parents[2].parent / "shared" / "eval" / "core"
 TOK = ByteTokenizer()
 MODELS = {"looped": {}, "transformer": {"n_core": 0, "n_prelude": 2, "n_coda": 1}}
 COMMON = {"state_seed": 1, "pad_id": TOK.pad_id, "vocab_limit": TOK.vocab_size}

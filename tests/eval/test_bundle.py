@@ -17,7 +17,7 @@ from parcae.cli import build_parser, main
 from parcae.eval import bundle
 from parcae.eval.core import CORE_TASKS, find_tasks, load_task
 
-SHARED_CORE = Path(__file__).resolve().parents[2] / "shared" / "eval" / "core"
+SHARED_CORE = Path(__file__).resolve().parents[3] / "shared" / "eval" / "core"
 LINES_PER_TASK = 8  # the layout is under test, not the data: small copies keep the zip tiny
 # The three CORE tasks outside the shared subset, in their formats (multiple choice, language modeling).
 EXTRA_LINES = {

@@ -18,7 +18,7 @@ from parcae.data.sources import iter_documents
 from parcae.data.tokenizer import train_bpe
 from parcae.train.checkpoint import CheckpointManager
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from faults import file_digests, train_argv, write_corpus
 
 STEPS = 4  # checkpoints at steps 2 and 4

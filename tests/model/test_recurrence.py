@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from parcae import DepthPlan, DepthSampler, ParcaeConfig
-from parcae.model.recurrence import mix_seed, run_loop
+from parcae.model.recurrence import LoopInputs, mix_seed, run_loop
 
 
 def config(**overrides) -> ParcaeConfig:
@@ -54,7 +54,8 @@ def test_run_loop_counts_and_order() -> None:
     """A toy step (h ← h + 1) makes the executed iterations visible per row, in the original order."""
     h = torch.zeros(5, 2, 3)
     plan = DepthPlan.from_depths(torch.tensor([3, 7, 1, 4, 2]), 2)
-    result = run_loop(lambda rows, drive: rows + drive, h, plan, [torch.ones(5, 2, 3)])
+    inputs = LoopInputs(x=h, cos=h, sin=h, value_embeds={}, drive=torch.ones(5, 2, 3))
+    result = run_loop(lambda rows, given: rows + given.drive, h, plan, inputs)
     assert result.state[:, 0, 0].tolist() == [3, 7, 1, 4, 2]
     assert result.executed_passes == result.sampled_passes == 17
     torch.testing.assert_close(result.residual, torch.tensor(math.sqrt(3)))
@@ -63,6 +64,6 @@ def test_run_loop_counts_and_order() -> None:
 def test_run_loop_per_token_freezes_tokens() -> None:
     h = torch.zeros(2, 3, 1)
     plan = DepthPlan.from_depths(torch.tensor([[1, 4, 2], [3, 3, 3]]), 2)
-    result = run_loop(lambda rows: rows + 1, h, plan, [])
+    result = run_loop(lambda rows, _: rows + 1, h, plan, LoopInputs(x=h, cos=h, sin=h, value_embeds={}))
     assert result.state[..., 0].tolist() == [[1, 4, 2], [3, 3, 3]]
     assert result.executed_passes == 4 + 3

@@ -27,13 +27,13 @@ from parcae.interop.official import (
     from_parcae_lm_with_report,
     interleaved_to_rotate_half,
     parameter_count,
-    read_parcae_lm,
     to_parcae_lm,
 )
+from parcae.interop.official_files import read_parcae_lm
 from parcae.model.layers import Rotary, apply_rotary
 from reference import rms
 
-SHARED_FORMAT = Path(__file__).resolve().parents[2] / "shared" / "docs" / "official-format"
+SHARED_FORMAT = Path(__file__).resolve().parents[3] / "shared" / "docs" / "official-format"
 
 # The config.json the official save_pretrained writes for a small model (d 128, 2/2/2 layers, vocab 256);
 # `test_generator_writes_the_documented_format` checks it against the shared example when that is present.
