@@ -132,6 +132,22 @@ def test_cli_loss_with_bpb_on_a_data_file(tmp_path: Path, capsys) -> None:
     assert path.with_suffix(".png").is_file()
 
 
+def test_cli_saved_model_names_the_data_folder_it_holds(tmp_path: Path, capsys) -> None:
+    """A save_pretrained directory with a prepared `data/` (no training config) scores that folder's held-out split
+    and says which folder it was."""
+    from parcae.data.shards import prepare
+
+    model_dir = tmp_path / "model"
+    Parcae(get_preset("parcae-micro")).save_pretrained(model_dir)
+    TOK.save(model_dir)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"{TEXT} {i}"}) + "\n" for i in range(60)), encoding="utf-8")
+    prepare(str(docs), TOK, model_dir / "data", val_fraction=0.2)
+    assert main(["eval", str(model_dir), "--depths", "1", "--seeds", "1", "--batches", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"held-out validation split of the run's data ({model_dir / 'data'})" in out and "(None)" not in out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
