@@ -9,8 +9,10 @@ value embeddings (nanochat style).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,20 @@ if TYPE_CHECKING:
 # Cached attention on CUDA avoids cuDNN's SDPA: it builds an execution plan for every new key length, i.e. every
 # decode step (≈ 5 ms of CPU per call on an H200, more than the whole step's GPU work); these need no plan.
 _CACHED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_Forward = TypeVar("_Forward", bound=Callable[..., Any])
+
+
+def without_cudnn_attention(forward: _Forward) -> _Forward:
+    """Run a cached forward (`forward(self, input_ids, ...)`) with `_CACHED_SDPA` on CUDA: the backends are set once
+    per forward, not per attention call (a decode step makes layers × iterations of them)."""
+
+    @functools.wraps(forward)
+    def wrapped(self: Any, input_ids: Tensor, *args: Any, **kwargs: Any) -> Any:
+        context = sdpa_kernel(_CACHED_SDPA) if input_ids.is_cuda else contextlib.nullcontext()
+        with context:
+            return forward(self, input_ids, *args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
 
 
 class RMSNorm(nn.Module):
@@ -114,9 +130,7 @@ class Attention(nn.Module):
             k, v = kv.update(k, v)
             mask, causal = kv.attn_mask, kv.is_causal
         gqa = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
-        backends = sdpa_kernel(_CACHED_SDPA) if kv is not None and q.is_cuda else contextlib.nullcontext()
-        with backends:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 

@@ -24,7 +24,7 @@ from .generate import generate
 from .head import IGNORE_INDEX, linear_cross_entropy, mean_cross_entropy
 from .injection import build_injection
 from .io import Pretrained
-from .layers import Block, RMSNorm, Rotary, scaled_orthogonal_
+from .layers import Block, RMSNorm, Rotary, scaled_orthogonal_, without_cudnn_attention
 from .recurrence import DepthPlan, DepthSampler, LoopInputs, mix_seed, run_loop
 
 _STATE_SEED_SALT = 0x5EED  # keeps h₀'s seeded stream apart from the depth sampler's
@@ -372,6 +372,7 @@ class Parcae(Pretrained):
         )  # fmt: skip
 
     @torch.inference_mode()
+    @without_cudnn_attention
     def forward_cached(
         self,
         input_ids: Tensor,
