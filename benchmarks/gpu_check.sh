@@ -90,12 +90,12 @@ step decode_benchmark 80 "$PY" benchmarks/inference.py --device cuda --dtype bfl
 step decode_140m 50 "$PY" - <<'EOF'
 import time, torch
 from torch.nn.attention import SDPBackend
-import parcae.model.layers as layers
+import parcae.model.parcae as parcae_model
 from parcae import Parcae, get_preset
 prompt = torch.randint(0, 256, (1, 32), device="cuda")
-fix = list(layers._CACHED_SDPA)
+fix = list(parcae_model._CACHED_SDPA)
 for label, backends in (("the fix: no cuDNN", fix), ("before: cuDNN allowed", [SDPBackend.CUDNN_ATTENTION, *fix])):
-    layers._CACHED_SDPA = backends
+    parcae_model._CACHED_SDPA[:] = backends  # in place: `forward_cached`'s decorator holds this list
     for name in ("parcae-140m", "gpt-140m"):
         model = Parcae(get_preset(name)).to("cuda", torch.bfloat16).eval()
         model.generate(prompt, 16, temperature=0)

@@ -1,7 +1,5 @@
 """`python -m parcae …` (also under torchrun) is the `parcae` command."""
 
-import sys
-
 from .cli import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -1,6 +1,5 @@
-"""The `parcae` command: each module in `COMMAND_MODULES` adds its subcommands (with `handler=`) in `register`.
-A user's error (bad config or data, corrupt checkpoint, missing package, usage) prints one line `parcae: error: …`
-and exits with 2 (1 for a diverged run); `--debug` shows the traceback. docs/reliability.md lists the tests."""
+"""The `parcae` command: each module in `COMMAND_MODULES` adds its subcommands (with `handler=`) in `register`. A user's
+error prints one line `parcae: error: …` and exits 2 (1 for a diverged run); `--debug` shows the traceback."""
 
 import argparse
 import importlib
@@ -44,8 +43,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except KeyboardInterrupt:

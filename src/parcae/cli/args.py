@@ -1,6 +1,7 @@
 """Argument types, parser helpers and shared help text for the `parcae` subcommand modules."""
 
 import argparse
+from contextlib import suppress
 from functools import partial
 from typing import Any
 
@@ -35,36 +36,30 @@ def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def _numbers(text: str, cast: type, kind: str, example: str = "") -> list[Any]:
-    try:
-        values = [cast(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated {kind}{example}, got {text!r}") from None
-    if not values or any(not v > 0 for v in values):
+def _list(text: str, cast: type, kind: str, example: str = "", positive: bool = True) -> list[Any]:
+    """The comma-separated items of `text` (blank ones skipped), each `cast` and, for numbers, positive."""
+    values: list[Any] = []
+    with suppress(ValueError):
+        values = [cast(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind}{example}, got {text!r}")
+    if positive and any(not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive {kind}, got {text!r}")
     return values
 
 
 def _number(text: str, cast: type, kind: str, above: int = 0) -> Any:
     """`cast(text)` if it exceeds `above` (a NaN does not), else a usage error."""
-    try:
+    with suppress(ValueError):
         value = cast(text)
         if value > above:
             return value
-    except ValueError:
-        pass
     raise argparse.ArgumentTypeError(f"expected a {kind}, got {text!r}")
 
 
-def name_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
-
-
-int_list = partial(_numbers, cast=int, kind="integers")
-float_list = partial(_numbers, cast=float, kind="numbers", example=" (e.g. 1e15,2e15)")  # learning rates, FLOP budgets
+name_list = partial(_list, cast=str, kind="names", positive=False)
+int_list = partial(_list, cast=int, kind="integers")
+float_list = partial(_list, cast=float, kind="numbers", example=" (e.g. 1e15,2e15)")  # learning rates, FLOP budgets
 positive_int = partial(_number, cast=int, kind="positive integer")
 non_negative_int = partial(_number, cast=int, kind="non-negative integer", above=-1)
 positive_float = partial(_number, cast=float, kind="positive number")

@@ -3,7 +3,6 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .args import EPILOG_DATA, Commands, actions, command, positive_int
 
@@ -11,19 +10,16 @@ from .args import EPILOG_DATA, Commands, actions, command, positive_int
 def register(commands: Commands) -> None:
     tokenizer = actions(commands.add_parser("tokenizer", help="train a BPE tokenizer"), "tokenizer_command")
     about = "train a byte-level BPE tokenizer (GPT-4-style split, <|bos|> <|eos|> <|pad|>)"
-    tok_train = command(tokenizer, "train", about, epilog=EPILOG_DATA, handler=cmd_tokenizer)
-    add = tok_train.add_argument
+    add = command(tokenizer, "train", about, epilog=EPILOG_DATA, handler=cmd_tokenizer).add_argument
     add("--data", required=True, help="data spec")
     add("--vocab-size", type=positive_int, required=True)
     add("--out", required=True, metavar="DIR")
-    add("--max-chars", type=positive_int, help="read at most this many characters in all (default: the whole "
-        "corpus; a warning says when it cuts)")  # fmt: skip
+    add("--max-chars", type=positive_int, help="read at most this many characters (default: all; warns when it cuts)")
     add("--text-field", default="text")
 
     data = actions(commands.add_parser("data", help="tokenize a corpus into shards"), "data_command")
     about = "tokenize SPEC once into memory-mapped shards (train/ and val/)"
-    prep = command(data, "prepare", about, epilog=EPILOG_DATA, handler=cmd_data)
-    add = prep.add_argument
+    add = command(data, "prepare", about, epilog=EPILOG_DATA, handler=cmd_data).add_argument
     add("spec", metavar="SPEC")
     add("--out", required=True, metavar="DIR")
     add("--tokenizer", default="byte", help="'byte' (default) or a tokenizer.json / directory")
@@ -38,10 +34,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
     texts = (doc.text for doc in iter_documents(args.data, "train", text_field=args.text_field))
     tokenizer = train_bpe(texts, args.vocab_size, max_chars=args.max_chars)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out)
-    print(f"saved a {tokenizer.vocab_size}-token BPE tokenizer to {out / 'tokenizer.json'}")
+    path = tokenizer.save(args.out)  # creates the directory
+    print(f"saved a {tokenizer.vocab_size}-token BPE tokenizer to {path}")
     return 0
 
 
@@ -52,7 +46,6 @@ def cmd_data(args: argparse.Namespace) -> int:
     summary = prepare(args.spec, get_tokenizer(args.tokenizer), args.out, text_field=args.text_field,
                       val_fraction=args.val_fraction, max_tokens=args.max_tokens)  # fmt: skip
     print(json.dumps(summary, indent=2, default=str))
-    note = val_split_note(args.out)
-    if note:
+    if note := val_split_note(args.out):
         print(f"warning: {note}", file=sys.stderr)
     return 0

@@ -15,15 +15,9 @@ DESCRIPTION = """\
 Evaluate a run (latest checkpoint) or a saved model at several test-time depths T.
   parcae eval runs/tiny --depths 1,2,4,8,16
   parcae eval runs/tiny --depths 1,4,8 --core DIR --max-per-task 20
-
-The figures depend on what was scored, so compare them only at the same settings: for the loss the
-data (which split, --batches × --batch-size rows × the run's seq_len tokens) and the h₀ seeds; for CORE
-the tasks, --max-per-task, --fewshot and the seeds. Each table's header states them, the JSON records them.
-Seeds: a looped model with a random h₀ is scored once per seed (mean ± std); a fixed-depth model or a zero
-h₀ does not depend on the seed, so the loss is scored once (CORE still draws few-shot examples per seed).
-
-Results go to RUN/eval/, named by the checkpoint and a hash of the settings above, so one evaluation never
-replaces another's (the same settings again replace their own files):
+Compare figures only at equal settings (each table's header states them, the JSON records them). A looped model
+with a random h₀ is scored once per seed (mean ± std); other models' loss once (CORE still draws few-shot examples
+per seed). Results go to RUN/eval/, named by checkpoint and settings hash, so no evaluation replaces another's:
   loss-<checkpoint>-<hash>.json (+ .png)    core-<checkpoint>-<hash>.json (+ .predictions.jsonl)"""
 
 CORE_DESCRIPTION = """\
@@ -35,25 +29,18 @@ The CORE task files for `parcae eval RUN --core`, from the public DCLM eval bund
 
 DOWNLOAD_DESCRIPTION = f"""\
 Install the CORE task files of {BUNDLE_URL} into DIR.
-Verified: the zip's sha256 (pinned to the value several public projects record for that URL; we could
-not download it to confirm; --sha256 pins another), each task file's CRC-32 and presence, and that
-every line parses in its CORE format. Per-file sha256 go to DIR/manifest.json and are checked on every
-later use. DIR holds the 18 CORE-18 tasks flat (what `parcae eval --core` reads); HellaSwag, SQuAD and
-CoQA go to DIR/extra (`--core DIR/extra` runs them 0-shot with chance baselines)."""
+Verified: the zip's sha256 (as public projects record it, unconfirmed by us; --sha256 pins another), each file's CRC-32
+and CORE format, and on every use its sha256 (DIR/manifest.json). HellaSwag, SQuAD, CoQA go to DIR/extra (0-shot)."""
 
 
 def register(commands: Commands) -> None:
     about = "loss, bits per byte and CORE accuracy at several test-time depths"
-    evaluate = command(commands, "eval", about, DESCRIPTION, handler=cmd_eval)
-    add = evaluate.add_argument
+    add = command(commands, "eval", about, DESCRIPTION, handler=cmd_eval).add_argument
     add("run", metavar="RUN", help="run directory or save_pretrained directory")
     add("--depths", type=int_list, help="comma-separated depths (default 1,2,4,…,2·μ_rec)")
-    add("--seeds", type=positive_int, help="seeds 0..N-1 for h₀ and CORE few-shot draws; mean ± std (default 3 "
-        "for a looped model with a random h₀, else 1)")  # fmt: skip
-    add("--data", metavar="SPEC", help="text for the loss (default: the run's data). The run's own training data "
-        "scores its held-out split; any other SPEC is scored whole")  # fmt: skip
-    add("--split", choices=("val", "train"), default="val", help="which split of the run's data: val (held out, "
-        "default) or train (the training data, not held out)")  # fmt: skip
+    add("--seeds", type=positive_int, help="seeds 0..N-1 of h₀ and few-shot draws (default 3 if h₀ is random, else 1)")
+    add("--data", metavar="SPEC", help="loss text: the run's data (default; its --split) or another SPEC, scored whole")
+    add("--split", choices=("val", "train"), default="val", help="val (held out, default) or train (not held out)")
     add("--batches", type=positive_int, default=16, help="at most N loss batches (default 16)")
     add("--batch-size", type=positive_int, default=16, help="rows per batch (default 16)")
     add("--core", nargs="?", const="cached", metavar="DIR", help="also run the CORE-style harness on the task files "
@@ -63,15 +50,13 @@ def register(commands: Commands) -> None:
     add("--fewshot", type=non_negative_int, metavar="K", help="K demonstrations for every task")
     add("--checkpoint", metavar="NAME", help="a checkpoint other than the latest")
     add("--device", default="auto")
-    add("--threads", type=positive_int, help="CPU threads for torch (default: torch's, one per core); on a machine "
-        "busy with other work, 1 is often several times faster")  # fmt: skip
+    add("--threads", type=positive_int, help="torch CPU threads (default: all cores); on a busy CPU 1 is often faster")
     add("--no-progress", action="store_true", help="no progress bars")
 
     parser = command(commands, "core", "download and cache the CORE task files (DCLM eval bundle)", CORE_DESCRIPTION)
     core = actions(parser, "core_command")
     about = "download (or --from a local copy), verify and install the task files; a no-op when verified"
-    fetch = command(core, "download", about, DOWNLOAD_DESCRIPTION, handler=cmd_download)
-    add = fetch.add_argument
+    add = command(core, "download", about, DOWNLOAD_DESCRIPTION, handler=cmd_download).add_argument
     add("--from", dest="source_zip", metavar="ZIP", help="install from a local eval_bundle.zip")
     add("--dir", metavar="DIR", help="install here (default $PARCAE_CACHE/core or ~/.cache/parcae/core)")
     add("--sha256", metavar="HEX", help=f"expected sha256 of the zip (default {BUNDLE_SHA256[:12]}…)")
@@ -102,8 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     mean = run.config.mean_recurrence
     # Default: the powers of two up to 2·μ_rec, and μ_rec itself; a fixed-depth model has one depth.
     depths = args.depths or sorted({1 << i for i in range((2 * mean).bit_length())} | {mean, 2 * mean})
-    if not run.config.is_looped:
-        depths = depths[:1]
+    depths = depths if run.config.is_looped else depths[:1]
     (run.path / "eval").mkdir(exist_ok=True)
     data = _loss_data(run, args.data, args.split, required=not tasks)
     if data is not None:
@@ -119,9 +103,7 @@ def _output(kind: str, run: Any, settings: dict[str, Any]) -> str:
     return str(run.path / "eval" / f"{kind}-{run.weights.name}-{digest}")
 
 
-class LossData(NamedTuple):
-    """The split scored for the loss and how to describe it."""
-
+class LossData(NamedTuple):  # the split scored for the loss and how to describe it
     directory: Path  # a prepared data directory
     split: str  # "val" or "train"
     label: str  # what was scored, in words (the header and the JSON)
@@ -134,7 +116,6 @@ def _loss_data(run: Any, spec: str | None, split: str, *, required: bool) -> Los
     from ..data.shards import is_prepared, val_split_note
 
     training = run.train_config.data if run.train_config else None
-    # SPEC is the run's data when it is the same string or names the same file or directory.
     same = training and os.path.exists(spec or "") and os.path.exists(training) and os.path.samefile(spec, training)
     if spec and not (spec == training or same):  # another SPEC: a prepared one's split, else all of it
         outside = " (not the run's data)" if run.train_config else ""
@@ -145,15 +126,13 @@ def _loss_data(run: Any, spec: str | None, split: str, *, required: bool) -> Los
                              "and every document of it is scored already.")  # fmt: skip
         label = f"all of {spec}" + (" (not the run's split)" if run.train_config else "")
         return LossData(_tokenized(run, spec, 1.0, "text"), "val", label, spec)  # val_fraction 1: every document
-    # The prepared directory the run trained on, else the RUN/data it tokenized.
     own = next((Path(path) for path in (training, run.path / "data") if path and is_prepared(path)), None)
     source = "run"
     if own is None and spec:  # the run's tokenized data is gone: split its spec again the way training did
-        val_fraction = run.train_config.val_fraction
-        own = _tokenized(run, spec, val_fraction, run.train_config.text_field)
+        own = _tokenized(run, spec, run.train_config.val_fraction, run.train_config.text_field)
         print(f"note: {run.path} no longer holds its tokenized data; {spec} was tokenized again with the run's "
-              f"val_fraction {val_fraction} into {own} (the run's split unless the data code changed since "
-              "training).")  # fmt: skip
+              f"val_fraction {run.train_config.val_fraction} into {own} (the run's split unless the data code "
+              "changed since training).")  # fmt: skip
         source = f"run, tokenized again: {spec}"
     if own is None:
         message = f"{run.path} has no {'validation' if split == 'val' else 'training'} data; pass --data SPEC"
@@ -223,12 +202,10 @@ def _eval_loss(run: Any, data: LossData, depths: list[int], args: argparse.Names
                "batch_size": args.batch_size, "seq_len": seq_len, "tokens": first.tokens, "bytes": first.bytes,
                "seeds": seeds, "seed_note": seed_words, "settings": settings,
                "results": [r.to_dict() for r in results]}  # fmt: skip
-    saved = [Path(f"{name}.json")]
-    saved[0].write_text(json.dumps(payload, indent=2) + "\n")
+    Path(f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     if len(results) > 1:
-        saved.append(Path(f"{name}.png"))
-        plot_depth_curve(results, saved[1], f"{cfg.name}: test-time depth", cfg.mean_recurrence)
-    print("saved " + " and ".join(map(str, saved)))
+        plot_depth_curve(results, f"{name}.png", f"{cfg.name}: test-time depth", cfg.mean_recurrence)
+    print(f"saved {name}.json" + (f" and {name}.png" if len(results) > 1 else ""))
 
 
 def _eval_core(run: Any, tasks: list, core_dir: Path, depths: list[int], args: argparse.Namespace) -> None:
@@ -240,7 +217,7 @@ def _eval_core(run: Any, tasks: list, core_dir: Path, depths: list[int], args: a
                 "fewshot": args.fewshot, "depths": depths, "seeds": seeds}  # fmt: skip
     name = _output("core", run, settings)
     predictions_path = Path(f"{name}.predictions.jsonl")
-    partial = predictions_path.with_name(predictions_path.name + ".partial")  # an interrupted run keeps the old file
+    partial = Path(f"{predictions_path}.partial")  # an interrupted run keeps the old file
     with partial.open("w", encoding="utf-8") as predictions:
         result = evaluate_core(run.model, run.tokenizer, tasks, depths, seeds=seeds, max_per_task=args.max_per_task,
                                fewshot=args.fewshot, batch_size=args.batch_size, predictions=predictions,
@@ -252,9 +229,8 @@ def _eval_core(run: Any, tasks: list, core_dir: Path, depths: list[int], args: a
           f"seeds {','.join(map(str, seeds))} ({what}); accuracy % (mean over seeds)")  # fmt: skip
     print(result.format_table())
     payload = {"model": run.config.name, "weights": str(run.weights), "settings": settings, **result.to_dict()}
-    core_path = Path(f"{name}.json")
-    core_path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"saved {core_path} and {predictions_path}")
+    Path(f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"saved {name}.json and {predictions_path}")
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -14,8 +14,7 @@ Stream a continuation of a prompt (statistics on stderr).
 
 
 def register(commands: Commands) -> None:
-    gen = command(commands, "generate", "sample text from a model", DESCRIPTION, handler=cmd_generate)
-    add = gen.add_argument
+    add = command(commands, "generate", "sample text from a model", DESCRIPTION, handler=cmd_generate).add_argument
     add("run", metavar="RUN", help="run directory or save_pretrained directory")
     add("--prompt", required=True)
     add("--steps", type=positive_int, help="test-time depth T; the maximum with --exit (default μ_rec)")
@@ -45,7 +44,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if criterion is None:
             raise ValueError("--min-steps needs --exit.")
         criterion = dataclasses.replace(criterion, min_steps=args.min_steps)
-
     run = open_run(args.run, checkpoint=args.checkpoint, device=resolve_device(args.device))
     tok = run.tokenizer
     stop = [tok.bos_id, tok.eos_id]
@@ -55,7 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       pad_id=tok.pad_id)  # fmt: skip
     print(args.prompt, end="", flush=True)
     new: list[int] = []
-    shown = ""
+    shown = text = ""
     for step in stream:
         token = int(step.tokens[0])
         if token in stop:
@@ -66,10 +64,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not text.endswith("\ufffd") and text.startswith(shown):
             print(text[len(shown) :], end="", flush=True)
             shown = text
-    text = tok.decode(new)
     print(text[len(shown) :] if text.startswith(shown) else "", flush=True)
-    for _ in stream:  # run to the end for the statistics (a stop token ends the stream right away)
-        pass
-    if stream.output is not None:
-        print(f"[{stream.output.summary()}]", file=sys.stderr)
+    print(f"[{stream.finish().summary()}]", file=sys.stderr)  # finish() runs the stream to its end for the statistics
     return 0

@@ -7,21 +7,17 @@ from pathlib import Path
 from .args import EPILOG_DATA, Commands, actions, command, float_list, given, int_list, non_negative_int, positive_int
 
 FLOPS_DESCRIPTION = """\
-Training FLOPs per token, C/D = 2·N̂₁ + 6·N̂₂ + attention, with the expected no-grad and grad
-iterations of the depth sampler; also the official cost.py figure. Example:
+Training FLOPs per token, C/D = 2·N̂₁ + 6·N̂₂ + attention (expected sampler iterations) and the official cost.py figure:
   parcae flops --preset parcae-140m
   parcae flops --preset parcae-tiny --seq-len 128 --set mean_recurrence=4"""
 
 PLAN_DESCRIPTION = """\
-Plan an isoFLOP sweep: one run per (budget, μ_rec) with μ_bwd = ⌈μ_rec/2⌉ and
-tokens = budget / FLOPs-per-token (rounded to whole steps). Example:
-  parcae sweep plan --preset parcae-micro --data stdlib --budgets 1e13,2e13,4e13 \\
-      --recurrences 1,2,4,8 --out sweeps/micro.json"""
+Plan an isoFLOP sweep: one run per (budget, μ_rec), μ_bwd = ⌈μ_rec/2⌉, tokens = budget / FLOPs-per-token in whole steps:
+  parcae sweep plan --preset parcae-micro --budgets 1e13,2e13,4e13 --recurrences 1,2,4,8 --out sweeps/micro.json"""
 
 RUN_DESCRIPTION = """\
-Train the runs of a plan one after another (finished runs are skipped, interrupted ones
-resumed), evaluate each at its eval depths and append to RUNS/results.csv. With --emit, print the
-torchrun commands instead of training."""
+Train a plan's runs in turn (finished ones skipped, interrupted ones resumed), evaluate each at its eval
+depths into RUNS/results.csv. With --emit, print the torchrun commands instead of training."""
 
 FIT_DESCRIPTION = """\
 Fit one of the paper's laws to RESULTS.csv and write DIR/fit.json and PNG plots:
@@ -42,8 +38,8 @@ def register(commands: Commands) -> None:
     add("--causal", action="store_true", help="count only the causal half of attention scores")
     add("--json", action="store_true", help="print JSON instead of a table")
 
-    sweep = actions(commands.add_parser("sweep", help="isoFLOP sweeps: plan, run (resumable), estimate wall time"),
-                    "sweep_command")  # fmt: skip
+    about = "isoFLOP sweeps: plan, run (resumable), estimate wall time"
+    sweep = actions(commands.add_parser("sweep", help=about), "sweep_command")
     about = "write a sweep plan: budgets × recurrences → tokens"
     plan = command(sweep, "plan", about, PLAN_DESCRIPTION, epilog=EPILOG_DATA, handler=cmd_sweep_plan)
     add = plan.add_argument
@@ -94,10 +90,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
     if train_set:
         raise ValueError(f"--set takes model fields here; {', '.join(train_set)} are training fields.")
     cfg = get_preset(args.preset, **model_set)
-    seq_len = args.seq_len or cfg.max_seq_len
-    count = flops_per_token(cfg, seq_len, causal=args.causal)
+    count = flops_per_token(cfg, args.seq_len, causal=args.causal)
     if args.json:
-        print(json.dumps({**count.to_dict(), "official": official_flops_per_token(cfg, seq_len)}, indent=2))
+        print(json.dumps({**count.to_dict(), "official": official_flops_per_token(cfg, count.seq_len)}, indent=2))
     else:
         print(format_breakdown(cfg, count))
     return 0
@@ -119,8 +114,7 @@ def cmd_sweep_plan(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     plan.save(out)
     print(format_plan(plan))
-    total = plan.to_dict()["total_flops"]
-    print(f"{len(plan.runs)} runs, {total:.3g} training FLOPs in all; plan written to {out}")
+    print(f"{len(plan.runs)} runs, {plan.to_dict()['total_flops']:.3g} training FLOPs in all; plan written to {out}")
     print(f"next: parcae sweep estimate {out}   # wall time on this machine\n      parcae sweep run {out}")
     return 0
 
@@ -138,8 +132,8 @@ def cmd_sweep_estimate(args: argparse.Namespace) -> int:
     from ..scaling.sweep import SweepPlan, estimate_seconds
 
     plan = SweepPlan.load(args.plan)
-    seconds = estimate_seconds(plan, args.probe_steps)
-    print(f"estimated wall time of {len(plan.runs)} runs (training + evaluation): {seconds / 60:.1f} minutes")
+    minutes = estimate_seconds(plan, args.probe_steps) / 60
+    print(f"estimated wall time of {len(plan.runs)} runs (training + evaluation): {minutes:.1f} minutes")
     return 0
 
 

@@ -13,16 +13,11 @@ Train a Parcae model or a baseline. Example:
   torchrun --nproc-per-node 8 -m parcae train --parallel fsdp …   # distributed (docs/distributed.md)"""
 
 EPILOG = """
---set takes any model field (e.g. mean_recurrence=4, injection=linear) or training field (e.g. lr=3e-3,
-optimizer=adamw, eval_every=100, warmup_steps=100); values are parsed as YAML. --list-keys lists them all.
-
---minutes counts the training loop: its steps and the validations and checkpoints along the way, not the
-setup before the first step (tokenizing a raw corpus, building the model) nor the closing validation and
-checkpoint (summary.json reports train_seconds and wall_seconds). The run stops before a step that would
-overrun the budget with the validation or checkpoint due after it, estimated from the last ones' times.
-
-vocab_size follows the tokenizer (--tokenizer, or the one a prepared --data holds), padded to a multiple of 64,
-unless given with --set or --config."""
+--set takes any model or training field (e.g. mean_recurrence=4, lr=3e-3), parsed as YAML; --list-keys lists them.
+--minutes times the training loop with its validations and checkpoints (not the setup, nor the closing validation
+and checkpoint): no step starts that would overrun it with the validation or checkpoint due after it.
+vocab_size follows the tokenizer (--tokenizer, or a prepared --data's), padded to a multiple of 64, unless given
+with --set or --config."""
 
 
 def register(commands: Commands) -> None:
@@ -34,12 +29,11 @@ def register(commands: Commands) -> None:
     add = train.add_argument
     add("--config", metavar="FILE", help="YAML/JSON with optional preset, model and train sections")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (repeatable)")
-    add("--list-keys", action="store_true", help="list every --set key (model and training: type, default, help) "
-        "and exit; with --preset, its values")  # fmt: skip
+    add("--list-keys", action="store_true", help="list every --set key: type, default (with --preset, its value), help")
     add("--data", help="data spec (default: stdlib)")
     add("--out", metavar="DIR", help="run directory to create")
-    add("--overwrite", action="store_true", help="if --out already holds a run, rename it to DIR.old-K first "
-        "(nothing is deleted) and start afresh")  # fmt: skip
+    add("--overwrite", action="store_true", help="rename a run already in --out to DIR.old-K (nothing is deleted) "
+        "and start afresh")  # fmt: skip
     budget = train.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=positive_int, help="optimizer steps")
     budget.add_argument("--tokens", type=positive_int, help="training tokens")
@@ -47,10 +41,9 @@ def register(commands: Commands) -> None:
     add("--batch-size", type=positive_int, help="sequences per micro-batch and rank (default 16)")
     add("--grad-accum", type=positive_int, help="micro-batches per step (global batch = batch × accum × ranks)")
     add("--seq-len", type=positive_int, help="tokens per sequence (default: the model's context)")
-    add("--lr", type=positive_float,
-        help="learning rate of the AdamW parameters (default 8e-3). With the default optimizer (Muon + AdamW) that "
-        "is the embeddings, head, norms and injection/readout; the attention and MLP matrices take muon_lr "
-        "(--set muon_lr=…, default 8e-3). With --set optimizer=adamw, every parameter")  # fmt: skip
+    add("--lr", type=positive_float, help="learning rate of the AdamW parameters (default 8e-3): with Muon + AdamW "
+        "(default) the embeddings, head, norms and injection/readout, the attention and MLP matrices taking muon_lr "
+        "(--set muon_lr=…, default 8e-3); with --set optimizer=adamw, every parameter")  # fmt: skip
     add("--tokenizer", help="'byte' (default) or a tokenizer.json / directory")
     add("--seed", type=int)
     add("--device", help="auto (default), cpu, cuda, cuda:N (under torchrun: cuda = cuda:LOCAL_RANK)")
@@ -82,8 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         refused = [name for name in (*fixed, "tokenizer", "seed", "device") if getattr(args, name)]
         if refused:  # silently ignoring them would train on other settings than the user asked for
             flags = ", ".join("--" + name.replace("_", "-") for name in refused)
-            allowed = "only a new budget and --parallel may be given with it"
-            raise ValueError(f"--resume continues a run as configured; {allowed}, not {flags}.")
+            raise ValueError(f"--resume keeps the settings: only a new budget and --parallel may change, not {flags}.")
         train_cfg = TrainConfig(**budget) if budget else None
         trainer = Trainer(None, train_cfg, args.resume, resume=True, checkpoint=args.checkpoint, **shared)
     else:

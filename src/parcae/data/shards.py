@@ -1,20 +1,7 @@
-"""Tokenize a corpus once into memory-mapped shards, and read tokens back as per-document arrays.
-
-Layout written by `prepare(spec, tokenizer, out_dir)`:
-
-    out_dir/dataset.json        summary (spec, tokenizer, per-split counts, "val_fallback"); written last
-    out_dir/tokenizer.json      the tokenizer (`load_tokenizer(out_dir)` gets it back)
-    out_dir/{train,val}/
-        shard-00000.bin ...     raw little-endian uint16 tokens (uint32 when vocab_size > 65536)
-        docs.npy                int64 [num_docs + 1]: each document's start in the concatenated shards, plus the end
-        index.json              dtype, vocab_size, counts, each shard's token count and sha256, docs.npy's sha256
-
-Every document is stored as [BOS] + encode(text) (the packer relies on BOS opening each document) and never
-straddles two shards (a shard is closed before a document that would overflow it), so `doc(i)` is a view into one
-memory map. Writing goes to a hidden sibling directory renamed into place at the end: a crash leaves nothing that
-`is_prepared` accepts. The split is the source's (`sources.split_of`), plus the piece `prepare` holds out when
-hashing leaves "val" empty ("val_fallback"): this directory is then the source of truth for the split.
-"""
+"""Tokenize a corpus once into memory-mapped shards, and read tokens back as per-document arrays. Layout: dataset.json
+(summary, written last), tokenizer.json, {train,val}/ with shard-NNNNN.bin (little-endian uint16 tokens, uint32 above
+65536 ids), docs.npy (int64 [num_docs + 1] document starts, then the end) and index.json (dtype, counts, sha256 of each
+file). A document is [BOS] + encode(text) and never straddles two shards."""
 
 from __future__ import annotations
 
@@ -27,23 +14,19 @@ import shutil
 import sys
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 
-from .sources import Document, _one_line, fallback_key, iter_documents, split_of
-from .tokenizer import Tokenizer
+from .sources import Document, fallback_key, iter_documents, one_line, split_of
+from .tokenizer import Tokenizer, get_tokenizer
 
-FORMAT = "parcae-shards"
-FORMAT_VERSION = 1
-DATASET_FILE = "dataset.json"
-INDEX_FILE = "index.json"
-OFFSETS_FILE = "docs.npy"
+FORMAT, FORMAT_VERSION = "parcae-shards", 1
+DATASET_FILE, INDEX_FILE, OFFSETS_FILE = "dataset.json", "index.json", "docs.npy"
 SPLIT_DIRS = ("train", "val")
-_ENCODE_CHUNK_DOCS = 512
-_ENCODE_CHUNK_CHARS = 1 << 23
+_ENCODE_CHUNK_DOCS = 128  # of at most LONG_DOC_CHARS each: at most 8 M characters per encode_batch
 _HASH_CHUNK_BYTES = 1 << 22
 
 
@@ -116,11 +99,9 @@ class ShardStore:
     """One split of a prepared directory, memory-mapped. Open with `ShardStore.open(directory, split)`."""
 
     def __init__(self, directory: Path, index: dict[str, Any], offsets: np.ndarray, maps: list[np.ndarray]) -> None:
-        self.directory, self.index, self.offsets = directory, index, offsets
-        self.doc_lengths = np.diff(offsets)
+        self.directory, self.index, self.offsets, self.doc_lengths = directory, index, offsets, np.diff(offsets)
         self.num_docs, self.num_tokens = offsets.size - 1, int(offsets[-1])
-        self.dtype = np.dtype(index["dtype"])
-        self._maps = maps
+        self.dtype, self._maps = np.dtype(index["dtype"]), maps
         self._shard_starts = np.cumsum([0, *(s["num_tokens"] for s in index["shards"])], dtype=np.int64)
         # Shard of each document: the last shard starting at or before the document's start.
         self._doc_shard = np.searchsorted(self._shard_starts[:-1], offsets[:-1], side="right") - 1
@@ -135,10 +116,8 @@ class ShardStore:
         if not index_path.is_file():
             raise FileNotFoundError(f"No prepared split at {split_dir} (missing {INDEX_FILE}); run prepare first.")
         index = _read_json(index_path)
-        if index.get("format") != FORMAT:
-            raise ValueError(f"{index_path} is not a {FORMAT} index.")
-        if index.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{index_path} has format version {index.get('version')}; expected {FORMAT_VERSION}.")
+        if (index.get("format"), index.get("version")) != (FORMAT, FORMAT_VERSION):
+            raise ValueError(f"{index_path} is not a {FORMAT} index of version {FORMAT_VERSION}.")
         try:  # a field missing or of the wrong type is damage: KeyError, TypeError, AttributeError below
             dtype = np.dtype(index["dtype"]).newbyteorder("<")
             if dtype.kind != "u" or dtype.itemsize not in (2, 4):
@@ -152,7 +131,7 @@ class ShardStore:
             try:
                 stored = np.load(offsets_path)
             except Exception as exc:  # a damaged .npy header fails in numpy's parser with many error types
-                raise ValueError(f"{offsets_path} is corrupt ({_one_line(exc)}).") from None
+                raise ValueError(f"{offsets_path} is corrupt ({one_line(exc)}).") from None
             offsets = _check_offsets(stored, num_tokens, str(offsets_path))
             if (found := offsets.size - 1) != index["num_docs"]:
                 raise ValueError(f"{offsets_path} holds {found} documents; the index says {index['num_docs']}.")
@@ -163,17 +142,11 @@ class ShardStore:
                     raise FileNotFoundError(f"Missing shard {path}.")
                 expected = shard["num_tokens"] * dtype.itemsize
                 if (size := path.stat().st_size) != expected:
-                    raise ValueError(
-                        f"Shard {path} has {size} bytes but its index expects {expected}: it is truncated."
-                    )
+                    raise ValueError(f"Shard {path} has {size} bytes, not the {expected} indexed: it is truncated.")
                 maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["num_tokens"],)))
             return cls(split_dir, index, offsets, maps)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"{index_path} is corrupt ({type(exc).__name__}: {exc}).") from None
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.index["vocab_size"])
 
     def doc(self, i: int) -> np.ndarray:
         if not 0 <= i < self.num_docs:
@@ -183,8 +156,7 @@ class ShardStore:
         return self._maps[k][self.offsets[i] - base : self.offsets[i + 1] - base]
 
     def verify(self) -> None:
-        """Recompute every shard's sha256 (and the offsets'); `ValueError` names the first file that does not match."""
-        # No "offsets_sha256" in directories prepared before it was recorded.
+        """Recompute every shard's sha256 (and the offsets', if recorded); `ValueError` names the first mismatch."""
         shards = [(s["file"], s["sha256"]) for s in self.index["shards"]]
         for name, expected in [(OFFSETS_FILE, self.index.get("offsets_sha256")), *shards]:
             path = self.directory / name
@@ -220,23 +192,20 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-# ---------------------------------------------------------------------------------------------- writing
 class _SplitWriter:
     """Appends documents to one split's shards, hashing each shard as it is written."""
 
     def __init__(self, directory: Path, shard_tokens: int) -> None:
         directory.mkdir(parents=True)
         self.directory, self.shard_tokens = directory, shard_tokens
-        self.starts = array("q")  # each document's start in the split's token stream
-        self.num_tokens = 0
+        self.starts, self.num_tokens = array("q"), 0  # each document's start in the split's token stream; the end
         self.shards: list[dict[str, Any]] = []  # index entries; the last is the open shard's while `_file` is set
-        self._file: BinaryIO | None = None
-        self._hasher = hashlib.sha256()
+        self._file: BinaryIO | None = None  # the open shard, hashed by `_hasher` as it is written
 
     def add(self, tokens: np.ndarray) -> None:
         """Append one document, already in the shard dtype (never empty: it holds at least BOS)."""
         if self._file is not None and self.shards[-1]["num_tokens"] + tokens.size > self.shard_tokens:
-            self._close_shard()
+            self.close_shard()
         if self._file is None:
             name = f"shard-{len(self.shards):05d}.bin"
             self.shards.append({"file": name, "num_tokens": 0})
@@ -248,47 +217,22 @@ class _SplitWriter:
         self._file.write(data)
         self._hasher.update(data)
 
-    def _close_shard(self) -> None:
-        assert self._file is not None
-        self._file.close()
-        self.shards[-1]["sha256"] = self._hasher.hexdigest()
-        self._file = None
+    def close_shard(self) -> None:
+        """Close the open shard (if any) and record its sha256; also how an abandoned writer lets go of its file."""
+        if self._file is not None:
+            self._file.close()
+            self.shards[-1]["sha256"] = self._hasher.hexdigest()
+            self._file = None
 
     def finish(self, meta: Mapping[str, Any]) -> dict[str, Any]:
         """Close the last shard and write the offsets and the index; returns the split's counts."""
-        if self._file is not None:
-            self._close_shard()
+        self.close_shard()
         np.save(self.directory / OFFSETS_FILE, np.append(np.array(self.starts, dtype=np.int64), self.num_tokens))
-        index = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            **meta,
-            "num_docs": len(self.starts),
-            "num_tokens": self.num_tokens,
-            "offsets": OFFSETS_FILE,
-            "offsets_sha256": sha256_file(self.directory / OFFSETS_FILE),
-            "shards": self.shards,
-        }
+        counts = {"num_docs": len(self.starts), "num_tokens": self.num_tokens}
+        index = {"format": FORMAT, "version": FORMAT_VERSION, **meta, **counts, "offsets": OFFSETS_FILE}
+        index |= {"offsets_sha256": sha256_file(self.directory / OFFSETS_FILE), "shards": self.shards}
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        return {"num_docs": len(self.starts), "num_tokens": self.num_tokens, "num_shards": len(self.shards)}
-
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def _chunks(docs: Iterator[Document]) -> Iterator[list[Document]]:
-    """`docs` in lists of at most _ENCODE_CHUNK_DOCS documents, closed once they reach _ENCODE_CHUNK_CHARS."""
-    chunk: list[Document] = []
-    chars = 0  # in `chunk`
-    for doc in docs:
-        chunk.append(doc)
-        chars += len(doc.text)
-        if len(chunk) >= _ENCODE_CHUNK_DOCS or chars >= _ENCODE_CHUNK_CHARS:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
+        return {**counts, "num_shards": len(self.shards)}
 
 
 def prepare(
@@ -304,13 +248,8 @@ def prepare(
     overwrite: bool = False,
     load_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Tokenize every document of `spec` into `out_dir` (layout in the module docstring); returns the summary.
-
-    Each piece goes to train or val by its id (`sources.split_of`). If that leaves val empty while `val_fraction`
-    > 0 and train holds at least two pieces, a second pass holds out the train piece first in `sources.fallback_key`
-    order (stable: it depends only on the set of ids). With `max_tokens`, reading stops after the document that
-    brings the total (both splits) to at least `max_tokens`. A non-empty `out_dir` is replaced only with `overwrite`.
-    """
+    """Tokenize `spec` into `out_dir` atomically and return the summary; `max_tokens` stops after the doc reaching it.
+    If hashing leaves val empty (val_fraction > 0, ≥ 2 pieces), a second pass holds out the first by `fallback_key`."""
     from tqdm.auto import tqdm
 
     if shard_tokens < 1:
@@ -323,92 +262,68 @@ def prepare(
             raise FileExistsError(f"{out} already holds a prepared dataset; pass overwrite=True to replace it.")
         if any(out.iterdir()):
             raise FileExistsError(f"{out} is not empty; choose another directory or pass overwrite=True.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # made by the first _SplitWriter
     started = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
     writers: dict[str, _SplitWriter] = {}
-    first_train = (1 << 64, "")  # the train piece first in `fallback_key` order; above every real key
 
-    def tokenize_pass(forced_val: frozenset[str]) -> bool:
-        """Stream the source into fresh writers; True when `max_tokens` stopped it early."""
-        nonlocal first_train
+    def tokenize_pass(forced_val: frozenset[str]) -> tuple[bool, str]:
+        """Stream the source into fresh writers; (stopped by `max_tokens`, the id first in `fallback_key` order)."""
+        first = (1 << 64, "")  # above every real key
         for s in SPLIT_DIRS:  # a second pass starts over: the held-out piece may sit anywhere in the train shards
             if s in writers:
-                writers[s].abort()
+                writers[s].close_shard()
                 shutil.rmtree(tmp / s)
             writers[s] = _SplitWriter(tmp / s, shard_tokens)
         docs = iter_documents(spec, "all", text_field=text_field, val_fraction=val_fraction, load_kwargs=load_kwargs)
         total = 0
         with tqdm(desc=f"prepare {spec}", unit="doc", unit_scale=True, disable=not progress) as bar:
-            for chunk in _chunks(docs):
+            while chunk := list(itertools.islice(docs, _ENCODE_CHUNK_DOCS)):
                 encoded = tokenizer.encode_batch([d.text for d in chunk])
                 for done, (doc, ids) in enumerate(zip(chunk, encoded, strict=True), start=1):
                     tokens = np.array([tokenizer.bos_id, *ids], dtype=dtype)
-                    split = split_of(doc.id, val_fraction, forced_val)
-                    writers[split].add(tokens)
-                    if split == "train":
-                        first_train = min(first_train, fallback_key(doc.id))
+                    writers[split_of(doc.id, val_fraction, forced_val)].add(tokens)
+                    first = min(first, fallback_key(doc.id))  # used only when every piece went to train
                     total += tokens.size
                     if max_tokens is not None and total >= max_tokens:
                         bar.update(done)
-                        return True
+                        return True, first[1]
                 bar.update(len(chunk))
                 bar.set_postfix(tokens=f"{total:,}", refresh=False)
-        return False
+        return False, first[1]
 
     fallback: list[str] = []
     try:
-        truncated = tokenize_pass(frozenset())
+        truncated, first_id = tokenize_pass(frozenset())
         num_pieces = len(writers["train"].starts)
         if val_fraction > 0 and not writers["val"].starts and num_pieces >= 2:
-            fallback = [first_train[1]]
-            truncated = tokenize_pass(frozenset(fallback))
+            fallback = [first_id]
+            truncated, _ = tokenize_pass(frozenset(fallback))
             if progress:
-                print(
-                    f"note: none of the {num_pieces} pieces fell into the validation split by hash; "
-                    f"{fallback[0]!r} is held out instead (val_fallback in {DATASET_FILE}).",
-                    file=sys.stderr,
-                )
-        meta = {
-            "dtype": dtype.name,
-            "vocab_size": tokenizer.vocab_size,
-            "bos_id": tokenizer.bos_id,
-            "pad_id": tokenizer.pad_id,
-            "tokenizer": tokenizer.kind,
-            "spec": spec,
-        }
+                note = f"none of the {num_pieces} pieces fell into the validation split by hash; {fallback[0]!r}"
+                print(f"note: {note} is held out instead (val_fallback in {DATASET_FILE}).", file=sys.stderr)
+        meta = {"dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id}
+        meta |= {"pad_id": tokenizer.pad_id, "tokenizer": tokenizer.kind, "spec": spec}
         splits = {s: w.finish({**meta, "split": s}) for s, w in writers.items()}
         tokenizer.save(tmp)
-        summary = {
-            **meta,
-            "text_field": text_field,
-            "val_fraction": val_fraction,
-            "val_fallback": fallback,
-            "max_tokens": max_tokens,
-            "truncated": truncated,
-            "splits": splits,
-        }
+        summary = {**meta, "text_field": text_field, "val_fraction": val_fraction, "val_fallback": fallback}
+        summary |= {"max_tokens": max_tokens, "truncated": truncated, "splits": splits}
         (tmp / DATASET_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     except BaseException:
         for w in writers.values():
-            w.abort()
+            w.close_shard()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
     if out.exists():  # the old directory is removed only once the new one is in place
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
         out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return {**summary, "path": str(out), "seconds": round(time.perf_counter() - started, 3)}
 
 
 def val_split_note(data_dir: str | Path) -> str | None:
-    """None when the prepared `data_dir`'s validation split holds tokens; otherwise one sentence saying why
-    it is empty and what to do instead, for any tool to print (prefixed with "warning: " or "note: ")."""
+    """One sentence on why the prepared `data_dir`'s validation split is empty and what to do; None if it has tokens."""
     data_dir = Path(data_dir)
     evaluate = "evaluate with `parcae eval RUN --data SPEC`"
     val_index = data_dir / "val" / INDEX_FILE
@@ -416,23 +331,29 @@ def val_split_note(data_dir: str | Path) -> str | None:
         return f"{data_dir} has no validation split (no val/{INDEX_FILE}); prepare the data again, or {evaluate}."
     if _read_json(val_index).get("num_tokens", 0) > 0:
         return None
-    dataset = _read_json(data_dir / DATASET_FILE) if (data_dir / DATASET_FILE).is_file() else {}
-    train_index = data_dir / "train" / INDEX_FILE
-    train = _read_json(train_index) if train_index.is_file() else {}
+    files = (data_dir / DATASET_FILE, data_dir / "train" / INDEX_FILE)
+    dataset, train = (_read_json(path) if path.is_file() else {} for path in files)
     pieces, tokens = int(train.get("num_docs", 0)), int(train.get("num_tokens", 0))
-    where = f"the validation split of {data_dir} is empty"
     if dataset.get("val_fraction") == 0:
-        return f"{where} because val_fraction is 0; prepare the data with a val_fraction above 0, or {evaluate}."
-    if pieces == 0:
-        return f"{where} because the corpus holds no text; give more text, or {evaluate}."
-    if pieces == 1:  # a document longer than LONG_DOC_CHARS is always several pieces
+        why = " because val_fraction is 0; prepare the data with a val_fraction above 0"
+    elif pieces == 0:
+        why = " because the corpus holds no text; give more text"
+    elif pieces == 1:  # a document longer than LONG_DOC_CHARS is always several pieces
         corpus = "reading stopped at max_tokens after" if dataset.get("truncated") else "the corpus is"
-        return (
-            f"{where} because {corpus} a single document of {tokens:,} tokens, so nothing can be held out; "
-            f"give more text, or {evaluate}."
-        )
-    # Only a directory prepared before the fallback existed gets here: re-preparing holds a piece out.
-    return (
-        f"{where}: none of its {pieces:,} pieces fell into it by hash; prepare the data again (one piece is then "
-        f"held out), give more text, a larger val_fraction, or {evaluate}."
-    )
+        why = f" because {corpus} a single document of {tokens:,} tokens, so nothing can be held out; give more text"
+    else:  # only a directory prepared before the fallback existed gets here: re-preparing holds a piece out
+        why = f": none of its {pieces:,} pieces fell into it by hash; prepare the data again (one piece is then "
+        why += "held out), give more text, a larger val_fraction"
+    return f"the validation split of {data_dir} is empty{why}, or {evaluate}."
+
+
+def prepare_once(
+    spec: str, target: Path, tokenizer: str, echo: Callable[[str], None], what: str, **options: Any
+) -> Path:
+    """`spec` if prepared, else `target`, tokenized once for `what` (a sweep, a lab) with `prepare(**options)`."""
+    if is_prepared(spec):
+        return Path(spec).resolve()
+    if not is_prepared(target):
+        echo(f"tokenizing {spec} into {target} (once for {what}) …")
+        prepare(spec, get_tokenizer(tokenizer), target, **options, progress=False)
+    return target.resolve()

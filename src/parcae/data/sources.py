@@ -1,15 +1,6 @@
-"""Document sources, named by one spec string everywhere (README, "Data specs"): `stdlib`, a `.txt`, `.jsonl` or
-`.parquet` file or a directory of them (read recursively in sorted order), or `hf:NAME[:CONFIG][@SPLIT]`.
-
-Document ids: the path relative to the stdlib root or to the spec's directory (`.txt`), `PATH.jsonl:LINE` (1-based),
-`PATH.parquet:ROW` (0-based), `NAME:INDEX` (`hf:`). A document longer than LONG_DOC_CHARS comes as `cut_text` pieces
-`ID#0`, `ID#1`, …, so that a corpus of one long file (a book, a log) still has a held-out part, and a 1 MB document
-is not one unit of shuffling that fills hundreds of consecutive rows.
-
-Train/val goes by a stable hash of the piece id (`split_of`): it survives re-ordering, re-reading and growing the
-corpus, and needs no second pass over a stream. The piece `shards.prepare` holds out when hashing leaves "val" empty
-is applied only through `forced_val`: for training and evaluation the prepared directory is the source of truth.
-"""
+"""Document sources named by one spec string everywhere (README, "Data specs"), split by a stable hash of the id. Ids:
+the path relative to the stdlib root or the spec's directory, `PATH.jsonl:LINE` (1-based), `PATH.parquet:ROW` (0-based),
+`NAME:INDEX` (`hf:`); a document longer than LONG_DOC_CHARS comes as pieces `ID#0`, `ID#1`, … (`cut_text`)."""
 
 from __future__ import annotations
 
@@ -26,10 +17,8 @@ from typing import Any
 SPLITS = ("train", "val", "all")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _HASH_BUCKETS = 10_000
-LONG_DOC_CHARS = 65_536  # longer documents are cut into pieces (module docstring)
-PIECE_CHARS = 8_192
+LONG_DOC_CHARS, PIECE_CHARS = 65_536, 8_192  # longer documents are cut into pieces of at most PIECE_CHARS
 _STDLIB_ROOT = Path(sysconfig.get_paths()["stdlib"])
-_SKIPPED_STDLIB_DIRS = ("site-packages", "dist-packages")
 
 
 @dataclass(frozen=True)
@@ -71,29 +60,24 @@ def _id_hash(doc_id: str) -> int:
 
 
 def split_of(doc_id: str, val_fraction: float, forced_val: Collection[str] = frozenset()) -> str:
-    """ "val" when a stable hash (BLAKE2b) of the piece id, mod 10 000, is below `val_fraction` · 10 000, or when the
-    id is in `forced_val` (prepare's fallback); else "train"."""
-    if doc_id in forced_val:
-        return "val"
-    return "val" if _id_hash(doc_id) % _HASH_BUCKETS < val_fraction * _HASH_BUCKETS else "train"
+    """ "val" when the id's BLAKE2b hash mod 10 000 is below `val_fraction` · 10 000 or the id is in `forced_val`."""
+    in_val = doc_id in forced_val or _id_hash(doc_id) % _HASH_BUCKETS < val_fraction * _HASH_BUCKETS
+    return "val" if in_val else "train"
 
 
 def fallback_key(doc_id: str) -> tuple[int, str]:
-    """Order in which train pieces are held out when hashing leaves "val" empty: smallest hash, then id (only the id
-    counts, so the same piece is chosen on every run, machine and file order)."""
+    """Order in which `shards.prepare` holds out a train piece when hashing leaves "val" empty (id only: stable)."""
     return _id_hash(doc_id), doc_id
 
 
 def cut_text(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """`text` in consecutive pieces of at most `piece_chars` characters that concatenate back to it, each ending
-    after the last newline in the second half of its window when there is one, else at the window's end."""
+    """`text` in consecutive pieces of ≤ `piece_chars` chars, each cut after its window's last newline past half."""
     if piece_chars < 1:
         raise ValueError(f"piece_chars must be positive; got {piece_chars}.")
     start = 0
     while len(text) - start > piece_chars:
-        window_end = start + piece_chars
-        newline = text.rfind("\n", start + piece_chars // 2, window_end)
-        end = newline + 1 if newline >= 0 else window_end
+        newline = text.rfind("\n", start + piece_chars // 2, start + piece_chars)
+        end = newline + 1 if newline >= 0 else start + piece_chars
         yield text[start:end]
         start = end
     yield text[start:]
@@ -104,7 +88,7 @@ def _stdlib_files() -> tuple[str, ...]:
     """Relative posix paths of the stdlib's `.py` files, sorted (os.walk does not follow symlinks)."""
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(_STDLIB_ROOT):
-        dirnames[:] = [d for d in dirnames if d not in _SKIPPED_STDLIB_DIRS]
+        dirnames[:] = [d for d in dirnames if d not in ("site-packages", "dist-packages")]
         rel = Path(dirpath).relative_to(_STDLIB_ROOT)
         found.extend((rel / f).as_posix() for f in filenames if f.endswith(".py"))
     return tuple(sorted(found))
@@ -141,10 +125,12 @@ def _local_files(path: Path) -> tuple[Path, list[Path]]:
     return path.parent, [path]
 
 
-def _text_value(value: Any, text_field: str, where: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise ValueError(f"{where}: field {text_field!r} is {type(value).__name__}, not a string.")
+def _document(doc_id: str, value: Any, text_field: str, where: str) -> Iterator[Document]:
+    """The record's document: none for a null text, an error for anything but a string."""
+    if isinstance(value, str):
+        yield Document(doc_id, value)
+    elif value is not None:
+        raise ValueError(f"{where}: field {text_field!r} is {type(value).__name__}, not a string.")
 
 
 def _iter_jsonl(path: Path, rel: str, text_field: str) -> Iterator[Document]:
@@ -163,40 +149,34 @@ def _iter_jsonl(path: Path, rel: str, text_field: str) -> Iterator[Document]:
                 raise ValueError(f"{where} is not valid JSON ({exc.msg}).") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise ValueError(f"{where} has no field {text_field!r}.")
-            text = _text_value(record[text_field], text_field, where)
-            if text is not None:  # null: no document
-                yield Document(f"{rel}:{lineno}", text)
+            yield from _document(f"{rel}:{lineno}", record[text_field], text_field, where)
 
 
 def _iter_parquet(path: Path, rel: str, text_field: str) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
+        from pyarrow import ArrowException
     except ImportError:
         raise ImportError("Reading .parquet files needs pyarrow: pip install parcae-looped[hf]") from None
-    from pyarrow import ArrowException
-
-    # Damage surfaces as Arrow, OS or decoding errors that do not name the file: say which file and where.
-    # Page CRCs are verified where the writer stored them (pyarrow does not by default, and a flipped bit
-    # in an unchecked page reads back as different text without any error).
+    # Page CRCs are checked where stored (unchecked, a flipped bit reads back as other text); errors name file and row.
     try:
         pf = pq.ParquetFile(path, page_checksum_verification=True)
     except (ArrowException, OSError) as exc:
-        raise ValueError(f"{path} is not a readable Parquet file ({_one_line(exc)}).") from None
+        raise ValueError(f"{path} is not a readable Parquet file ({one_line(exc)}).") from None
     if text_field not in pf.schema_arrow.names:
         raise ValueError(f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)}).")
     row = 0
     try:
         for batch in pf.iter_batches(columns=[text_field]):  # streams row groups, never the whole file
             for value in batch.column(0).to_pylist():
-                text = _text_value(value, text_field, f"{path} row {row}")
-                if text is not None:
-                    yield Document(f"{rel}:{row}", text)
+                yield from _document(f"{rel}:{row}", value, text_field, f"{path} row {row}")
                 row += 1
     except (ArrowException, OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is corrupt after row {row} ({_one_line(exc)}).") from None
+        raise ValueError(f"{path} is corrupt after row {row} ({one_line(exc)}).") from None
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """`exc`'s message on one line, for error messages that quote it."""
     return " ".join(str(exc).split())
 
 
@@ -221,11 +201,10 @@ def _iter_hf(spec: SourceSpec, text_field: str, load_kwargs: Mapping[str, Any]) 
         raise ImportError("hf: data specs need the datasets package: pip install parcae-looped[hf]") from None
     stream = datasets.load_dataset(spec.name, spec.config, split=spec.hf_split, streaming=True, **load_kwargs)
     for index, record in enumerate(stream):
+        where = f"Dataset {spec.name} record {index}"
         if text_field not in record:
-            raise ValueError(f"Dataset {spec.name} record {index} has no field {text_field!r}.")
-        text = _text_value(record[text_field], text_field, f"Dataset {spec.name} record {index}")
-        if text is not None:
-            yield Document(f"{spec.name}:{index}", text)
+            raise ValueError(f"{where} has no field {text_field!r}.")
+        yield from _document(f"{spec.name}:{index}", record[text_field], text_field, where)
 
 
 def iter_documents(
@@ -237,32 +216,25 @@ def iter_documents(
     forced_val: Collection[str] = frozenset(),
     load_kwargs: Mapping[str, Any] | None = None,
 ) -> Iterator[Document]:
-    """Documents (long ones as pieces) of `spec` in `split` ("train", "val" or "all"), in the source's order.
-
-    The split is by hash of the piece id, plus the ids in `forced_val` (a prepared directory's "val_fallback").
-    Spec and path errors raise `ValueError` at the call; a requested split that turns out empty raises it when
-    the iteration ends. `load_kwargs` go to `datasets.load_dataset` for `hf:` specs (e.g. `data_files`).
-    """
+    """Documents (long ones as pieces) of `spec` in `split`, in source order; spec and path errors raise here, an empty
+    split at the end. `forced_val`: a prepared "val_fallback"; `load_kwargs` go to `datasets.load_dataset`."""
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1]; got {val_fraction}.")
     parsed = parse_spec(spec)
-    if parsed.kind == "stdlib":
-        docs = _iter_stdlib()
-    elif parsed.kind == "path":
+    if parsed.kind == "path":
         assert parsed.path is not None
         docs = _iter_path(*_local_files(parsed.path), text_field)  # path errors raise now, not at the first next()
     else:
-        docs = _iter_hf(parsed, text_field, load_kwargs or {})
-    forced = frozenset(forced_val)
+        docs = _iter_stdlib() if parsed.kind == "stdlib" else _iter_hf(parsed, text_field, load_kwargs or {})
 
     def pieces() -> Iterator[Document]:  # a generator of its own, so that the checks above raise at the call
         count = 0
         for doc in docs:
             long = len(doc.text) > LONG_DOC_CHARS  # then its pieces `ID#k` are the documents
             for piece in (Document(f"{doc.id}#{k}", p) for k, p in enumerate(cut_text(doc.text))) if long else (doc,):
-                if split == "all" or split_of(piece.id, val_fraction, forced) == split:
+                if split == "all" or split_of(piece.id, val_fraction, forced_val) == split:
                     count += 1
                     yield piece
         if count == 0:

@@ -1,11 +1,6 @@
-"""Tokenizers behind one small interface: a dependency-free byte tokenizer and a trained byte-level BPE.
-
-Both share the specials `<|bos|>`, `<|eos|>`, `<|pad|>`. `encode` never emits a special, not even for a literal
-"<|bos|>" in the text: the data pipeline adds BOS itself, so a corpus about tokenizers cannot inject document
-boundaries. `token_bytes` (the UTF-8 bytes of every id) turns a loss in nats/token into bits per byte. A saved
-tokenizer is a directory holding `tokenizer.json`: the Hugging Face file for BPE (it has a "model" key) or a tiny
-`{"kind": "byte", ...}` record.
-"""
+"""Tokenizers behind one small interface: a dependency-free byte tokenizer and a trained byte-level BPE. `encode` never
+emits a special, not even for a literal "<|bos|>" in the text (a corpus cannot inject document boundaries). Saved as
+`DIR/tokenizer.json`: the Hugging Face file for BPE (it has a "model" key) or a tiny `{"kind": "byte", ...}` record."""
 
 from __future__ import annotations
 
@@ -21,29 +16,24 @@ import numpy as np
 
 from .sources import LONG_DOC_CHARS, cut_text
 
-BOS = "<|bos|>"
-EOS = "<|eos|>"
-PAD = "<|pad|>"
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIALS = (BOS, EOS, PAD)
 TOKENIZER_FILE = "tokenizer.json"
 
-# GPT-4 (cl100k) pre-tokenization, except that digits split in groups of at most two (as the paper's
-# tokenizer does), so numbers tokenize more uniformly.
+# GPT-4 (cl100k) pre-tokenization, but digits split in groups of at most two (as in the paper's tokenizer).
 SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Lone surrogates (which Python strs may hold) are stored as their 3-byte UTF-8-style form, so every str
-# round-trips through the byte tokenizer; any other invalid byte sequence decodes to U+FFFD.
+# Lone surrogates round-trip through the byte tokenizer as their 3-byte form; other invalid bytes decode to U+FFFD.
 _DECODE_ERRORS = "parcae-surrogatepass-replace"
-_surrogatepass = codecs.lookup_error("surrogatepass")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _surrogatepass_or_replace(exc: UnicodeError) -> tuple[str, int]:
     try:
-        return _surrogatepass(exc)
+        return codecs.lookup_error("surrogatepass")(exc)
     except UnicodeDecodeError:
         return codecs.replace_errors(exc)
 
@@ -53,8 +43,8 @@ codecs.register_error(_DECODE_ERRORS, _surrogatepass_or_replace)
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What the rest of Parcae needs from a tokenizer. `decode` drops specials and turns invalid UTF-8 into U+FFFD;
-    `token_bytes` is int64 [vocab_size] (0 for specials); `save` writes `directory/tokenizer.json`, returns its path."""
+    """What Parcae needs from a tokenizer. `decode` drops specials and turns invalid UTF-8 into U+FFFD; `token_bytes`
+    (int64 [vocab_size], 0 for specials) turns nats/token into bits per byte; `save` returns the file's path."""
 
     kind: str
     vocab_size: int
@@ -77,14 +67,11 @@ def _id_array(ids: Iterable[int], vocab_size: int) -> np.ndarray:
 
 
 class ByteTokenizer:
-    """Ids 0..255 are raw UTF-8 bytes; 256, 257, 258 are `<|bos|>`, `<|eos|>`, `<|pad|>`. Lone surrogates are
-    encoded as with Python's "surrogatepass" handler and decoded back, so `decode(encode(s)) == s` for every str."""
+    """Ids 0..255: UTF-8 bytes ("surrogatepass": `decode(encode(s)) == s` for every str); 256-258: BOS, EOS, PAD."""
 
     kind = "byte"
     vocab_size = 259
-    bos_id = 256
-    eos_id = 257
-    pad_id = 258
+    bos_id, eos_id, pad_id = 256, 257, 258
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", errors="surrogatepass"))
@@ -112,26 +99,21 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    """A byte-level BPE Hugging Face `tokenizers.Tokenizer` (`.hf`) that carries the three Parcae specials. Round
-    trips are exact for valid Unicode; a lone surrogate (only a Python str can hold one, e.g. from a JSON "\\ud800"
-    escape) is encoded as U+FFFD rather than failing the whole batch."""
+    """A byte-level BPE `tokenizers.Tokenizer` (`.hf`) with the three specials; a lone surrogate encodes as U+FFFD."""
 
     kind = "bpe"
 
     def __init__(self, hf_tokenizer: Any) -> None:
         ids = {name: hf_tokenizer.token_to_id(name) for name in SPECIALS}
-        missing = [name for name, i in ids.items() if i is None]
-        if missing:
+        if missing := [name for name, i in ids.items() if i is None]:
             raise ValueError(f"Tokenizer lacks the special token(s) {', '.join(missing)}.")
-        # `token_bytes` needs every ordinary token spelled in the 256 ByteLevel symbols.
         from tokenizers import pre_tokenizers
 
         added = {t.content for t in hf_tokenizer.get_added_tokens_decoder().values()}
         symbols = set().union(*(t for t in hf_tokenizer.get_vocab(with_added_tokens=False) if t not in added))
-        if not symbols <= set(pre_tokenizers.ByteLevel.alphabet()):
+        if not symbols <= set(pre_tokenizers.ByteLevel.alphabet()):  # `token_bytes` counts one byte per symbol
             raise ValueError("Tokenizer is not a byte-level BPE (its tokens are not spelled in byte symbols).")
-        # Literal "<|bos|>" in a text is ordinary text, never the special (see module docstring).
-        hf_tokenizer.encode_special_tokens = True
+        hf_tokenizer.encode_special_tokens = True  # a literal "<|bos|>" in a text is text, never the special
         self.hf = hf_tokenizer
         self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
         self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
@@ -167,15 +149,8 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def train_bpe(texts: Iterable[str], vocab_size: int, *, max_chars: int | None = None) -> BPETokenizer:
-    """Train a byte-level BPE with `vocab_size` ids (the last three are the specials) on every character of `texts`,
-    or on the first `max_chars` (with a warning when that leaves text unread). All 256 byte symbols are in the
-    alphabet, so any text round-trips. A text that supports fewer merges (a merge needs a pair seen twice) gives a
-    smaller vocabulary, with a warning that gives both sizes."""
+    """Train a byte-level BPE of `vocab_size` ids, the last three specials (fewer, with a warning, if text is short)."""
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -203,23 +178,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, max_chars: int | None = 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # all 256 byte symbols: any text round-trips
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIALS),
-        min_frequency=2,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
+        vocab_size=vocab_size - len(SPECIALS), min_frequency=2, show_progress=False, initial_alphabet=alphabet
     )
     tok.train_from_iterator(feed(), trainer=trainer)
     tok.add_special_tokens(list(SPECIALS))  # appended after the learned vocabulary, as in ByteTokenizer
     bpe = BPETokenizer(tok)
     if capped:
-        _warn(f"max_chars: the tokenizer was trained on the first {chars:,} characters; the rest was not read.")
+        cap = f"max_chars: the tokenizer was trained on the first {chars:,} characters"
+        print(f"warning: {cap}; the rest was not read.", file=sys.stderr)
     if bpe.vocab_size < vocab_size:
-        _warn(
-            f"the text supports a vocabulary of {bpe.vocab_size:,} tokens, not the {vocab_size:,} asked for "
-            f"({chars:,} characters read); give more (or more varied) text for a larger one."
-        )
+        supports = f"the text supports a vocabulary of {bpe.vocab_size:,} tokens, not the {vocab_size:,} asked for"
+        print(f"warning: {supports} ({chars:,} characters read); give more (or more varied) text.", file=sys.stderr)
     return bpe
 
 

@@ -1,10 +1,5 @@
-"""`parcae core download`: the CORE task files of the public DCLM eval bundle, downloaded once, verified, cached.
-
-We had no network to hash the zip ourselves: BUNDLE_SHA256 is the value several independent public projects record
-for it. DIR/manifest.json records every installed file's sha256 and every later use checks it, so a changed file is
-an error, never a silent change of the scores. The bundle's CORE tasks that `CORE_TASKS` has no few-shot counts or
-baselines for go to DIR/extra (`--core DIR/extra` runs them 0-shot).
-"""
+"""`parcae core download`: the CORE task files of the public DCLM eval bundle, downloaded once, verified, cached. Each
+file's sha256 (DIR/manifest.json) is checked on every use: a changed file is an error, never silently other scores."""
 
 from __future__ import annotations
 
@@ -25,11 +20,11 @@ from typing import Any
 from ..data.shards import sha256_file
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+# We had no network to hash the zip ourselves: the value several independent public projects record for it.
 BUNDLE_SHA256 = "90a7c19e28ee7a52b4f6e1f87658deb9fde7f63deba2379045bdb1fe9ea5d200"
 MANIFEST = "manifest.json"
 EXTRA_DIR = "extra"
 CACHED = "cached"  # `parcae eval --core` with no value (or this word): the verified cache
-_DATA_PREFIX = "eval_bundle/eval_data"
 _CHUNK = 1 << 20
 _OFFLINE = "`parcae core download --from eval_bundle.zip`"
 # Where each task file lies in the bundle: eval_bundle/eval_data/<category>/<stem>.jsonl (the bundle's core.yaml).
@@ -41,7 +36,7 @@ BUNDLE_CATEGORIES: dict[str, str] = {
     "bigbench_repeat_copy_logic",
     "reading_comprehension": "squad coqa boolq",
 }
-# The formats (core's kind names) of the bundle's CORE tasks that `core.CORE_TASKS` does not list.
+# The formats (core's kind names) of the bundle's CORE tasks that `core.CORE_TASKS` does not list: in DIR/extra.
 EXTRA_KINDS = {
     "hellaswag.jsonl": "multiple_choice",
     "squad.jsonl": "language_modeling",
@@ -53,8 +48,7 @@ def default_dir() -> Path:
     """The cache folder: $PARCAE_CACHE/core, else $XDG_CACHE_HOME/parcae/core, else ~/.cache/parcae/core."""
     if os.environ.get("PARCAE_CACHE"):
         return Path(os.environ["PARCAE_CACHE"]).expanduser() / "core"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return base / "parcae" / "core"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "parcae" / "core"
 
 
 def layout() -> Iterator[tuple[str, str, str]]:
@@ -65,7 +59,7 @@ def layout() -> Iterator[tuple[str, str, str]]:
     for category, stems in BUNDLE_CATEGORIES.items():
         for file in (f"{stem}.jsonl" for stem in stems.split()):
             relative = file if file in kinds else f"{EXTRA_DIR}/{file}"
-            yield relative, f"{_DATA_PREFIX}/{category}/{file}", kinds.get(file) or EXTRA_KINDS[file]
+            yield relative, f"eval_bundle/eval_data/{category}/{file}", kinds.get(file) or EXTRA_KINDS[file]
 
 
 def verify(directory: str | Path) -> dict[str, Any]:
@@ -126,9 +120,8 @@ def _extract(zip_path: Path, staging: Path) -> dict[str, dict[str, Any]]:
         raise ValueError(f"{zip_path} is not a readable zip file ({err}); download the bundle again.") from None
     files: dict[str, dict[str, Any]] = {}
     with archive:
-        members = set(archive.namelist())
         for relative, member, kind in layout():
-            if member not in members:
+            if member not in archive.namelist():
                 raise ValueError(f"{zip_path} has no {member}: not the CORE eval bundle, or an incomplete copy.")
             target = staging / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -192,8 +185,7 @@ def download(
         if actual != expected:
             hint = f"a damaged download or a changed bundle; to accept this file, pass --sha256 {actual}"
             raise ValueError(f"{source} has sha256 {actual}, expected {expected}: {hint}.")
-        staging = scratch / "core"
-        staging.mkdir()
+        staging = scratch / "core"  # `_extract` makes it
         files = _extract(zip_path, staging)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest = dict(source=source, bundle_sha256=actual, pinned=actual == BUNDLE_SHA256, installed=now, files=files)

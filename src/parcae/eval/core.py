@@ -1,7 +1,5 @@
-"""A CORE-style downstream harness per test-time depth T (formats and prompts: the README's "Evaluation").
-
-Malformed input stops the run with `file:line`: skipping lines would silently change the scores.
-"""
+"""A CORE-style downstream harness per test-time depth T (formats and prompts: the README's "Evaluation"). Malformed
+input stops the run with `file:line`: skipping lines would silently change the scores."""
 
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ import numpy as np
 
 from ..data.tokenizer import Tokenizer
 from ..model.parcae import Parcae
-from .scoring import Row, check_depths, make_row, score_groups, seed_changes_h0, tokens_fed
+from .scoring import Row, check_integers, make_row, score_groups, seed_changes_h0, tokens_fed
 
 MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "language_modeling"
 KIND_LABELS = {MULTIPLE_CHOICE: "MC", SCHEMA: "schema", LANGUAGE_MODELING: "LM"}
@@ -102,12 +100,10 @@ def parse_example(record: Any, line: int) -> tuple[str, Example]:
         raise ValueError("expected a JSON object.")
     if "choices" in record or "query" in record:
         query, choices = _text(record, "query"), _text(record, "choices", True)
-        gold = _gold(record, len(choices))
-        return MULTIPLE_CHOICE, Example(line, (query,) * len(choices), tuple(choices), gold)
+        return MULTIPLE_CHOICE, Example(line, (query,) * len(choices), tuple(choices), _gold(record, len(choices)))
     if "context_options" in record:
         options, continuation = _text(record, "context_options", True), _text(record, "continuation")
-        gold = _gold(record, len(options))
-        return SCHEMA, Example(line, tuple(options), (continuation,) * len(options), gold)
+        return SCHEMA, Example(line, tuple(options), (continuation,) * len(options), _gold(record, len(options)))
     if "context" in record and "continuation" in record:
         return LANGUAGE_MODELING, Example(line, (_text(record, "context"),), (_text(record, "continuation"),), 0)
     raise ValueError(f"unknown format: expected {_FORMATS}.")
@@ -142,9 +138,7 @@ def read_examples(path: str | Path) -> tuple[str, tuple[Example, ...]]:
 
 def chance_rate(examples: Sequence[Example], kind: str) -> float:
     """The expected accuracy of a uniform random guess (0 for language modeling)."""
-    if kind == LANGUAGE_MODELING:
-        return 0.0
-    return statistics.fmean(1.0 / len(e.continuations) for e in examples)
+    return 0.0 if kind == LANGUAGE_MODELING else statistics.fmean(1.0 / len(e.continuations) for e in examples)
 
 
 def load_task(spec: TaskSpec, directory: str | Path) -> Task:
@@ -159,8 +153,7 @@ def load_task(spec: TaskSpec, directory: str | Path) -> Task:
 
 
 def find_tasks(directory: str | Path, names: Sequence[str] | None = None) -> list[TaskSpec]:
-    """The `CORE_TASKS` in `directory` plus any other *.jsonl (0-shot, chance baseline); `names` (CORE labels or
-    file stems) selects some, in that order."""
+    """`CORE_TASKS` in `directory` and other *.jsonl (0-shot, chance baseline); `names` (labels or stems) picks some."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory of task files.")
@@ -172,8 +165,7 @@ def find_tasks(directory: str | Path, names: Sequence[str] | None = None) -> lis
         if not present:
             raise ValueError(f"{directory} holds no task files (*.jsonl).")
         return present
-    specs = (*CORE_TASKS, *extra)
-    by_name = {**{spec.name: spec for spec in specs}, **{Path(spec.file).stem: spec for spec in specs}}
+    by_name = {key: spec for spec in (*CORE_TASKS, *extra) for key in (spec.name, Path(spec.file).stem)}
     unknown = [name for name in names if name not in by_name]
     if unknown:
         available = ", ".join(spec.name for spec in present)
@@ -187,8 +179,7 @@ def fewshot_indices(n: int, index: int, shots: int, seed: int, task: str) -> lis
     if k <= 0:
         return []
     rng = np.random.default_rng([seed, zlib.crc32(task.encode("utf-8")), index])
-    picks = rng.choice(n - 1, size=k, replace=False)
-    return [int(p) + int(p >= index) for p in picks]  # skip `index` itself
+    return [int(p) + int(p >= index) for p in rng.choice(n - 1, size=k, replace=False)]  # skip `index` itself
 
 
 def join(context: str, continuation: str) -> tuple[str, str]:
@@ -196,8 +187,7 @@ def join(context: str, continuation: str) -> tuple[str, str]:
     holds the whitespace, and is tokenized apart, so the scored tokens are exactly the continuation's (as lm-eval)."""
     head = context.rstrip()
     trailing = context[len(head) :]
-    delimiter = "" if trailing or not head else " "
-    return head, trailing + delimiter + continuation
+    return head, trailing + ("" if trailing or not head else " ") + continuation
 
 
 def render_option(example: Example, option: int, demos: Sequence[Example]) -> tuple[str, str]:
@@ -221,9 +211,8 @@ def encode_examples(
     draws = [fewshot_indices(len(examples), i, shots, seed, task.name) for i in indices]
     texts: list[str] = []
     for i, draw in zip(indices, draws, strict=True):
-        demos = [examples[j] for j in draw]
         for option in range(len(examples[i].contexts)):
-            texts.extend(render_option(examples[i], option, demos))
+            texts.extend(render_option(examples[i], option, [examples[j] for j in draw]))
     tokens = iter(tokenizer.encode_batch(texts))
     encoded = []
     for i, draw in zip(indices, draws, strict=True):
@@ -264,12 +253,8 @@ class CoreResult:
     accuracy: np.ndarray  # [depth, seed, task]
 
     @property
-    def baselines(self) -> np.ndarray:
-        return np.array([t.baseline for t in self.tasks])
-
-    @property
     def centered(self) -> np.ndarray:
-        return centered(self.accuracy, self.baselines)
+        return centered(self.accuracy, np.array([t.baseline for t in self.tasks]))
 
     @property
     def core(self) -> np.ndarray:
@@ -333,15 +318,11 @@ def evaluate_core(
     predictions: TextIO | None = None,
     progress: bool = False,
 ) -> CoreResult:
-    """Accuracy [depth, seed, task] (a seed sets the few-shot draw and h₀); `fewshot` overrides every task's shots,
-    `batch_size` counts rows; one JSON line per (example, depth, seed) goes to `predictions`. A seed that changes
-    neither the draw (0-shot) nor h₀ would repeat the first: its results are copied."""
+    """Accuracy [depth, seed, task]; a seed sets the few-shot draw and h₀ (one that changes neither copies seed 0's
+    results). `fewshot` overrides all shots, `batch_size` counts rows, `predictions` gets a JSON line per result."""
     from tqdm.auto import tqdm
 
-    depths = check_depths(depths)
-    seeds = list(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds must be non-negative integers, got {seeds!r}.")
+    depths, seeds = check_integers(depths, "depths"), check_integers(seeds, "seeds", least=0)
     if not tasks:
         raise ValueError("no tasks to evaluate.")
     if fewshot is not None and fewshot < 0:
@@ -350,18 +331,17 @@ def evaluate_core(
     shots = [t.shots if fewshot is None else fewshot for t in tasks]
     chosen = [subset(len(t.examples), max_per_task) for t in tasks]
     h0 = seed_changes_h0(model.config)
-    repeats = [not h0 and min(k, len(t.examples) - 1) <= 0 for t, k in zip(tasks, shots, strict=True)]
-    plans: list[tuple[list[tuple[int, int]], list[EncodedExample]]] = []  # per seed: (task, example) and rows
+    repeating = [t for t, task in enumerate(tasks) if not h0 and min(shots[t], len(task.examples) - 1) <= 0]
+    plans: list[tuple[list[tuple[int, int]], list[EncodedExample]]] = []  # per seed: (task, example) pairs, groups
     for s, seed in enumerate(seeds):
-        owners: list[tuple[int, int]] = []
+        scored = [t for t in range(len(tasks)) if s == 0 or t not in repeating]
         groups: list[EncodedExample] = []
-        for t, task in enumerate(tasks):
-            if s == 0 or not repeats[t]:
-                groups += encode_examples(task, chosen[t], tokenizer, seed=seed, shots=shots[t], max_len=max_len)
-                owners += [(t, i) for i in chosen[t]]
-        plans.append((owners, groups))
+        for t in scored:
+            groups += encode_examples(tasks[t], chosen[t], tokenizer, seed=seed, shots=shots[t], max_len=max_len)
+        plans.append(([(t, i) for t in scored for i in chosen[t]], groups))
     accuracy = np.zeros((len(depths), len(seeds), len(tasks)))
-    first: dict[tuple[int, int], list[dict[str, Any]]] = {}  # (depth, task): the first seed's records
+    # (depth, task): the first seed's records, which the later seeds of a repeating task copy
+    first: dict[tuple[int, int], list[dict]] = {(d, t): [] for d in range(len(depths)) for t in repeating}
     passes = [layer_passes(model.config, depth) for depth in depths]
     total = sum(tokens_fed(model, [g.rows for g in groups]) for _, groups in plans) * sum(passes)
     common = {"batch_size": batch_size, "pad_id": tokenizer.pad_id, "vocab_limit": tokenizer.vocab_size}
@@ -379,11 +359,8 @@ def evaluate_core(
                 for (t, i), group, row_scores in zip(owners, groups, scores, strict=True):
                     task, example = tasks[t], tasks[t].examples[i]
                     losses = [r.mean_nll for r in row_scores]
-                    if task.kind == LANGUAGE_MODELING:
-                        correct, pred = row_scores[0].greedy, None
-                    else:
-                        pred = int(np.argmin(losses))  # ties go to the first option
-                        correct = pred == example.gold
+                    pred = None if task.kind == LANGUAGE_MODELING else int(np.argmin(losses))  # ties: the first
+                    correct = row_scores[0].greedy if pred is None else pred == example.gold
                     accuracy[d, s, t] += correct
                     fewshot_lines = [task.examples[j].line for j in group.fewshot]
                     record = {"task": task.name, "line": example.line, "depth": depth, "seed": seed}
@@ -391,16 +368,14 @@ def evaluate_core(
                     record.update(fewshot_lines=fewshot_lines, truncated=group.truncated)
                     if pred is not None:
                         record.update(gold=example.gold, pred=pred)
-                    if s == 0 and repeats[t]:
-                        first.setdefault((d, t), []).append(record)
+                    if s == 0 and t in repeating:
+                        first[d, t].append(record)
                     if predictions is not None:
                         predictions.write(json.dumps(record) + "\n")
-                for t in range(len(tasks)):
-                    if s > 0 and repeats[t]:  # the first seed's prompts and h₀, so its results, copied
-                        accuracy[d, s, t] = accuracy[d, 0, t]
-                        copies = [{**r, "seed": seed} for r in first.get((d, t), [])]
-                        if predictions is not None:
-                            predictions.writelines(json.dumps(r) + "\n" for r in copies)
+                for t in repeating if s > 0 else ():  # the first seed's prompts and h₀, so its results, copied
+                    accuracy[d, s, t] = accuracy[d, 0, t]
+                    if predictions is not None:
+                        predictions.writelines(json.dumps({**r, "seed": seed}) + "\n" for r in first[d, t])
     examples = [len(idx) for idx in chosen]
     accuracy /= np.array(examples, dtype=float)
     return CoreResult(tasks=list(tasks), shots=shots, examples=examples, depths=depths, seeds=seeds, accuracy=accuracy)

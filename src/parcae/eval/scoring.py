@@ -1,9 +1,5 @@
-"""Scoring token sequences at a fixed test-time depth T, batched: per-token losses and greedy agreement.
-
-The loss sweep, CORE and the lm-eval adapter all score with `logit_scores`, so a token is scored alike everywhere.
-Attention is causal and h₀ is seeded per position, so neither right padding nor batch neighbours change a row's
-scores; rows with the same context run it once through the KV cache (`score_shared`), equal up to rounding.
-"""
+"""Batched scoring at a fixed depth T: per-token losses, greedy agreement. Causal attention and a per-position h₀ make
+scores independent of padding and neighbours; shared contexts run once through the KV cache (equal up to rounding)."""
 
 from __future__ import annotations
 
@@ -27,18 +23,13 @@ _KV_CACHE_BYTES = 1 << 32
 
 
 @contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode (fixed depth, seeded h₀) for the block; the previous mode is restored afterwards."""
     was_training = model.training
-    model.eval()
     try:
-        yield
+        yield model.eval()
     finally:
         model.train(was_training)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def seed_changes_h0(config: Any) -> bool:
@@ -46,11 +37,12 @@ def seed_changes_h0(config: Any) -> bool:
     return bool(config.is_looped and config.state_init != "zero")
 
 
-def check_depths(depths: Sequence[int]) -> list[int]:
-    depths = list(depths)
-    if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
-        raise ValueError(f"depths must be positive integers, got {depths!r}.")
-    return depths
+def check_integers(values: Sequence[int], what: str, least: int = 1) -> list[int]:
+    """`values` as a list; ValueError unless it is non-empty and all are integers ≥ `least` (1 or 0)."""
+    values = list(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < least for v in values):
+        raise ValueError(f"{what} must be {'positive' if least else 'non-negative'} integers, got {values!r}.")
+    return values
 
 
 def logit_scores(logits: Tensor, labels: Tensor, vocab_limit: int | None) -> tuple[Tensor, Tensor]:
@@ -121,14 +113,14 @@ def score_rows(
         tokens = torch.from_numpy(row.tokens)
         inputs[i, : len(tokens) - 1] = tokens[:-1]
         labels[i, row.start - 1 : len(tokens) - 1] = tokens[row.start :]
-    device = model_device(model)
     steps = num_steps if model.config.is_looped else None  # a fixed-depth model has no depth
-    logits = model(inputs.to(device), num_steps=steps, state_seed=state_seed).logits
-    labels = labels.to(device)
-    return _row_scores(*logit_scores(logits, labels, vocab_limit), labels)
+    logits = model(inputs.to(next(model.parameters()).device), num_steps=steps, state_seed=state_seed).logits
+    return _row_scores(logits, labels, vocab_limit)
 
 
-def _row_scores(nll: Tensor, greedy: Tensor, labels: Tensor) -> list[RowScore]:
+def _row_scores(logits: Tensor, labels: Tensor, vocab_limit: int | None) -> list[RowScore]:
+    labels = labels.to(logits.device)
+    nll, greedy = logit_scores(logits, labels, vocab_limit)
     scored = labels != IGNORE_INDEX
     totals, counts = nll.sum(dim=1).tolist(), scored.sum(dim=1).tolist()
     all_greedy = (greedy == scored).all(dim=1).tolist()
@@ -154,17 +146,12 @@ class SharedPrompt:
 
 def share_prompts(rows: Sequence[Row]) -> list[SharedPrompt]:
     """`rows` grouped by identical context tokens (the split `make_row` chose), in order of first appearance."""
+    heads = [np.asarray(row.tokens[: row.start], dtype=np.int64) for row in rows]
+    tails = [np.asarray(row.tokens[row.start :], dtype=np.int64) for row in rows]
     members: dict[bytes, list[int]] = {}
-    for i, row in enumerate(rows):
-        members.setdefault(np.asarray(row.tokens[: row.start], dtype=np.int64).tobytes(), []).append(i)
-    return [
-        SharedPrompt(
-            context=np.asarray(rows[m[0]].tokens[: rows[m[0]].start], dtype=np.int64),
-            continuations=tuple(np.asarray(rows[i].tokens[rows[i].start :], dtype=np.int64) for i in m),
-            rows=tuple(m),
-        )
-        for m in members.values()
-    ]
+    for i, head in enumerate(heads):
+        members.setdefault(head.tobytes(), []).append(i)
+    return [SharedPrompt(heads[m[0]], tuple(tails[i] for i in m), tuple(m)) for m in members.values()]
 
 
 @torch.inference_mode()
@@ -179,14 +166,13 @@ def score_shared(
 ) -> list[list[RowScore]]:
     """Scores of every continuation of every prompt (model in eval mode): one cached forward over the contexts,
     left-padded (the cache masks it) so that all continuations start in one column, one over the continuations."""
-    device = model_device(model)
+    device = next(model.parameters()).device
     steps = num_steps if model.config.is_looped else None
     width = max(len(p.context) for p in prompts)
     contexts = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    real = torch.zeros((len(prompts), width), dtype=torch.bool)
+    real = torch.arange(width) >= torch.tensor([width - len(p.context) for p in prompts]).unsqueeze(1)  # not padding
     for i, prompt in enumerate(prompts):
         contexts[i, width - len(prompt.context) :] = torch.from_numpy(prompt.context)
-        real[i, width - len(prompt.context) :] = True
     continuations = [torch.from_numpy(c) for p in prompts for c in p.continuations]
     span = max(len(c) for c in continuations)  # label columns; the last label is never fed
     labels = torch.full((len(continuations), span), IGNORE_INDEX, dtype=torch.long)
@@ -196,16 +182,12 @@ def score_shared(
         inputs[r, : len(tokens) - 1] = tokens[:-1]
     cache = model.new_cache(len(prompts), width + span - 1, max_steps=steps)  # room for the continuations
     run = {"num_steps": steps, "state_seed": state_seed}
-    last = model.forward_cached(
-        contexts.to(device), cache, attention_mask=real.to(device), last_logits_only=True, **run
-    ).logits[:, -1]
+    out = model.forward_cached(contexts.to(device), cache, attention_mask=real.to(device), last_logits_only=True, **run)
     owners = torch.tensor([i for i, p in enumerate(prompts) for _ in p.continuations], device=device)
-    logits = [last[owners, None]]  # position 0: the first continuation token, predicted by the context
+    logits = [out.logits[:, -1][owners, None]]  # position 0: the first continuation token, predicted by the context
     if span > 1:
         logits.append(model.forward_cached(inputs.to(device), cache.select_rows(owners), **run).logits)
-    labels = labels.to(device)
-    nll, greedy = logit_scores(torch.cat(logits, dim=1), labels, vocab_limit)
-    scores = iter(_row_scores(nll, greedy, labels))
+    scores = iter(_row_scores(torch.cat(logits, dim=1), labels, vocab_limit))
     return [[next(scores) for _ in p.continuations] for p in prompts]
 
 
@@ -229,8 +211,7 @@ def pack_groups(groups: Sequence[Sequence[Row]], max_rows: int) -> list[list[int
 def pack_prompts(
     prompts: Sequence[SharedPrompt], max_rows: int, max_columns: int, bytes_per_token: float
 ) -> list[list[int]]:
-    """Batches of prompt indices, longest context first, within `max_rows` continuations, `max_columns` cache columns
-    and `_KV_CACHE_BYTES` (a prompt over a limit goes alone)."""
+    """Prompt indices batched longest context first within `max_rows` rows, `max_columns` and `_KV_CACHE_BYTES`."""
     order = sorted(range(len(prompts)), key=lambda p: -len(prompts[p].context))
 
     def fits(batch: list[int]) -> bool:
@@ -243,20 +224,20 @@ def pack_prompts(
 
 
 def _units(
-    model: nn.Module, rows: Sequence[Row], groups: Sequence[Sequence[Row]], share: bool
-) -> tuple[list[list[int]], list[SharedPrompt]]:
-    """How `score_groups` scores `rows`: units of row indices for one-pass batches, and shared prompts."""
+    model: nn.Module, groups: Sequence[Sequence[Row]], share: bool
+) -> tuple[list[Row], list[list[int]], list[SharedPrompt]]:
+    """How `score_groups` scores `groups`: their rows, units of row indices for one-pass batches, shared prompts."""
+    rows = [row for group in groups for row in group]
     if share and isinstance(model, Parcae):
         prompts = share_prompts(rows)
-        return [list(p.rows) for p in prompts if len(p.rows) == 1], [p for p in prompts if len(p.rows) > 1]
+        return rows, [list(p.rows) for p in prompts if len(p.rows) == 1], [p for p in prompts if len(p.rows) > 1]
     offsets = np.cumsum([0, *(len(group) for group in groups)]).tolist()
-    return [list(range(offsets[g], offsets[g + 1])) for g in range(len(groups))], []
+    return rows, [list(range(offsets[g], offsets[g + 1])) for g in range(len(groups))], []
 
 
 def tokens_fed(model: nn.Module, groups: Sequence[Sequence[Row]], *, share: bool = True) -> int:
     """Tokens `score_groups` feeds for `groups` (no padding): the sum it reports to `on_tokens`, known in advance."""
-    rows = [row for group in groups for row in group]
-    plain, shared = _units(model, rows, groups, share)
+    rows, plain, shared = _units(model, groups, share)
     return sum(len(rows[i].tokens) - 1 for unit in plain for i in unit) + sum(p.fed for p in shared)
 
 
@@ -275,10 +256,9 @@ def score_groups(
 ) -> list[list[RowScore]]:
     """Scores of every row of every group, in batches of ≤ `batch_size` rows. With `share` and a `Parcae`, rows with
     a common context go through `score_shared`. After each batch: `on_batch(rows)` and `on_tokens(tokens fed)`."""
-    rows = [row for group in groups for row in group]
+    rows, plain, shared = _units(model, groups, share)
     scores: dict[int, RowScore] = {}  # by index in `rows`
     common = {"num_steps": num_steps, "state_seed": state_seed, "pad_id": pad_id, "vocab_limit": vocab_limit}
-    plain, shared = _units(model, rows, groups, share)
 
     def report(count: int, fed: int) -> None:
         if on_batch is not None:

@@ -1,16 +1,5 @@
-"""Stability diagnostics of the loop: the loop map F(h) = `Parcae.step(h, inputs)` and its Jacobian spectrum.
-
-ρ(Ā) < 1 makes only the linear part of the update contractive; the loop's local stability at a state h is
-governed by J = ∂F/∂h (= Ā when R̄ = 0). Attention is causal and everything else acts per token, so J is block
-lower triangular in tokens and ρ(J) = max_i ρ(J_ii) exactly (the README's "Jacobian spectral radius" has the
-argument). J_ii v_i for every token at once comes from one product with a "token-local" map: same value, but
-attention treats the other tokens' keys and values as constants (a `TorchFunctionMode` around
-`scaled_dot_product_attention`, so the model's blocks run unchanged). Products use reverse mode only — Jᵀw is
-one backward pass, Jv the double-backward of g(u) = Jᵀu — because on CPU that is 4–15× faster than
-`torch.func.jvp` (forward-mode rules run as Python decompositions) and needs no forward rule for fused
-attention. Spectral radii come from batched power iteration with Arnoldi extraction and restarts: plain power
-iteration does not converge when the dominant eigenvalues are a complex pair. Norms: √ρ(JᵀJ), the same way.
-"""
+"""The loop map F(h) = `Parcae.step(h, inputs)` and its Jacobian spectrum: ρ(J) = max_i ρ(J_ii), J being block lower
+triangular in tokens (the README's "Jacobian spectral radius"). Reverse mode only: on CPU 4–15× faster than jvp."""
 
 from __future__ import annotations
 
@@ -33,11 +22,9 @@ MatVec = Callable[[Tensor], Tensor]
 _BREAKDOWN = 1e-6
 
 
-# ---------------------------------------------------------------------- the loop map
 @dataclass
 class LoopMap:
-    """The loop map F(h) = `model.step(h, inputs)` for fixed input ids: one iteration on a state h
-    [B, L, d_state], a pure function of h (gradients flow to h and the parameters)."""
+    """F(h) = `model.step(h, inputs)` for fixed input ids: a pure function of a state h [B, L, d_state]."""
 
     model: Parcae
     inputs: LoopInputs
@@ -45,22 +32,17 @@ class LoopMap:
     def __call__(self, h: Tensor) -> Tensor:
         return self.model.step(h, self.inputs)
 
-    def initial_state(self, seed: int = 0) -> Tensor:
-        """h₀ as the model draws it in eval (seeded): the state `model(ids, num_steps=T)` starts from."""
-        return self.model.initial_state(self.inputs.e, seed, None)
-
     @torch.no_grad()
-    def run(self, steps: int, h: Tensor | None = None) -> Tensor:
-        """h_T after `steps` iterations from h (default: `initial_state()`), without gradient."""
-        h = self.initial_state() if h is None else h
+    def run(self, steps: int) -> Tensor:
+        """h_T after `steps` iterations, without gradient, from the seeded h₀ that `model(ids, num_steps=T)` uses."""
+        h = self.model.initial_state(self.inputs.e, 0, None)
         for _ in range(steps):
             h = self(h)
         return h
 
 
 def loop_map(model: Parcae, input_ids: Tensor) -> LoopMap:
-    """The loop of `model` for `input_ids`: everything before it runs once, without gradient
-    (`Parcae.loop_inputs`)."""
+    """The loop of `model` for `input_ids`; everything before it runs once, without gradient."""
     cfg = model.config
     if not cfg.is_looped:
         raise ValueError(f"{cfg.name} has no loop (n_core = 0), so it has no loop map.")
@@ -73,8 +55,7 @@ def loop_map(model: Parcae, input_ids: Tensor) -> LoopMap:
 
 
 class _WithAttention(TorchFunctionMode):
-    """The loop map with `F.scaled_dot_product_attention` replaced by `composite_attention` (optionally
-    token-local); checks that every core block called it."""
+    """The loop map with `F.scaled_dot_product_attention` run as `composite_attention` by every core block."""
 
     def __init__(self, fmap: LoopMap, token_local: bool) -> None:
         super().__init__()
@@ -111,7 +92,7 @@ def composite_attention(
 ) -> Tensor:
     """`scaled_dot_product_attention` in plain ops, so every derivative (the double backward too) exists.
     `token_local`: other tokens' keys and values are constants; token i's re-enter through the zero-valued terms
-    q_i·(k_i − k̂_i) and p_ii·(v_i − v̂_i) (k̂ = detached k)."""
+    q_i·(k_i − k̂_i) and p_ii·(v_i − v̂_i) (k̂ = detached k), so the Jacobian is exactly blockdiag(J_ii)."""
     if attn_mask is not None or dropout_p:
         raise ValueError("the Jacobian attention supports neither attention masks nor dropout.")
     if enable_gqa and key.shape[-3] != query.shape[-3]:
@@ -136,7 +117,7 @@ def composite_attention(
 
 class Linearisation:
     """J = ∂f/∂h at h by reverse mode only, graphs built once: Jᵀw is a backward through y = f(h), Jv one through
-    g(u) = Jᵀu (Jv = ∂⟨g(u), v⟩/∂u). `autograd.grad` never touches the parameters' `.grad`."""
+    g(u) = Jᵀu (Jv = ∂⟨g(u), v⟩/∂u), so no forward-mode rule is needed. The parameters' `.grad` stay untouched."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor], h: Tensor) -> None:
         with torch.enable_grad():
@@ -149,12 +130,9 @@ class Linearisation:
         (product,) = torch.autograd.grad(self.transposed, self.dummy, v, retain_graph=True, allow_unused=True)
         return torch.zeros_like(self.out) if product is None else product
 
-    def vjp(self, w: Tensor) -> Tensor:
-        (product,) = torch.autograd.grad(self.out, self.point, w, retain_graph=True, allow_unused=True)
+    def gram(self, v: Tensor) -> Tensor:  # JᵀJv
+        (product,) = torch.autograd.grad(self.out, self.point, self.jvp(v), retain_graph=True, allow_unused=True)
         return torch.zeros_like(self.point) if product is None else product
-
-    def gram(self, v: Tensor) -> Tensor:
-        return self.vjp(self.jvp(v))
 
 
 def _per_row(product: MatVec, h: Tensor, rows: int) -> MatVec:
@@ -166,11 +144,10 @@ def _per_row(product: MatVec, h: Tensor, rows: int) -> MatVec:
 def krylov_spectral_radius(
     matvec: MatVec, start: Tensor, steps: int = 20, restarts: int = 2, keep: int = 4
 ) -> tuple[Tensor, Tensor]:
-    """(radius [N], residual [N]) of N D × D operators, `matvec` [N, D] → [N, D], from a random `start` [N, D].
-
-    Arnoldi on `steps` iterates (Gram–Schmidt twice), restarted from the sum of the `keep` largest Ritz vectors'
-    real and imaginary parts (a complex pair's plane is kept; several, so a run locked onto a slightly smaller
-    eigenvalue can still find a larger one). `residual` = ‖Jy − θy‖ / |θ|, ‖y‖ = 1: small means converged."""
+    """(radius [N], residual [N]) of N D × D operators, `matvec` [N, D] → [N, D], from a random `start` [N, D]:
+    Arnoldi on `steps` iterates (Gram–Schmidt twice; power iteration misses a dominant complex pair). Restarts begin at
+    the sum of the `keep` largest Ritz vectors' real and imaginary parts (keeping a pair's plane, and finding a larger
+    eigenvalue a run locked onto a smaller one missed). `residual` = ‖Jy − θy‖ / |θ| (‖y‖ = 1): small if converged."""
     if start.dim() != 2:
         raise ValueError(f"start must have shape [problems, dimension], got {tuple(start.shape)}.")
     if steps < 1 or restarts < 0 or keep < 1:
@@ -181,8 +158,7 @@ def krylov_spectral_radius(
     vector = start.double()
     failed = torch.zeros(n, dtype=torch.bool, device=start.device)
     for cycle in range(restarts + 1):
-        basis = vector.new_zeros(n, m + 1, d)
-        hessenberg = vector.new_zeros(n, m + 1, m)
+        basis, hessenberg = vector.new_zeros(n, m + 1, d), vector.new_zeros(n, m + 1, m)
         basis[:, 0] = _unit(vector)
         for j in range(m):
             w = matvec(basis[:, j].to(start.dtype)).double()
@@ -208,12 +184,10 @@ def krylov_spectral_radius(
             wanted = ritz.gather(1, order[:, :keep, None].expand(-1, -1, d))
             vector = (wanted.real + wanted.imag).sum(dim=1)
     # Residual of the returned pair: J·y − θ·y with y complex, via J·Re(y) and J·Im(y).
-    theta = values[rows, top]
     image = torch.complex(matvec(leading.real.to(start.dtype)).double(), matvec(leading.imag.to(start.dtype)).double())
-    error = (image - theta.unsqueeze(-1) * leading).abs().norm(dim=-1)
+    error = (image - values[rows, top].unsqueeze(-1) * leading).abs().norm(dim=-1)
     residual = error / (leading.abs().norm(dim=-1) * radius).clamp_min(1e-300)
-    nan = torch.tensor(float("nan"), dtype=radius.dtype, device=radius.device)
-    return torch.where(failed, nan, radius), torch.where(failed, nan, residual)
+    return radius.masked_fill(failed, math.nan), residual.masked_fill(failed, math.nan)
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -222,10 +196,9 @@ def _unit(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class JacobianSpectrum:
-    """Spectrum of the loop map's Jacobian at the state h_T reached after `depth` iterations: radius [B, L] is
-    the per-token ρ(J_ii) (its max over tokens is ρ(J) of sequence b), residual [B, L] the Ritz residual of each,
-    block_norm [B, L] ‖J_ii‖₂, map_norm [B] ‖J‖₂ of each sequence's map (None if skipped), rho_A ρ(Ā) of the
-    injection (= ρ(J) when R̄ = 0), state_norm the mean ‖h_T‖ per token."""
+    """The loop map's Jacobian at h_T (after `depth` iterations): radius [B, L] the per-token ρ(J_ii) (its max over
+    tokens is ρ(J) of sequence b) with its Ritz residual [B, L], block_norm [B, L] ‖J_ii‖₂, map_norm [B] ‖J‖₂ per
+    sequence (None if skipped), rho_A ρ(Ā) of the injection (= ρ(J) when R̄ = 0), state_norm the mean ‖h_T‖ per token."""
 
     depth: int
     radius: Tensor
@@ -238,16 +211,10 @@ class JacobianSpectrum:
     def summary(self) -> dict[str, float]:
         """Scalars for logs: ρ(J) (max over tokens and sequences), medians over tokens, norms."""
         finite = bool(torch.isfinite(self.radius).all())
-        out = {
-            "depth": self.depth,
-            "rho_A": self.rho_A,
-            "rho_J": float(self.radius.max()) if finite else float("nan"),
-            "rho_J_median": float(self.radius.median()) if finite else float("nan"),
-            "block_norm_max": float(self.block_norm.max()),
-            "block_norm_median": float(self.block_norm.median()),
-            "radius_residual_max": float(self.residual.max()),
-            "state_norm": self.state_norm,
-        }
+        rho_J = (float(self.radius.max()), float(self.radius.median())) if finite else (math.nan, math.nan)
+        out = {"depth": self.depth, "rho_A": self.rho_A, "rho_J": rho_J[0], "rho_J_median": rho_J[1]}
+        out.update(block_norm_max=float(self.block_norm.max()), block_norm_median=float(self.block_norm.median()))
+        out.update(radius_residual_max=float(self.residual.max()), state_norm=self.state_norm)
         if self.map_norm is not None:
             out["map_norm"] = float(self.map_norm.max())
         return out
@@ -265,9 +232,8 @@ def jacobian_spectrum(
     map_norm: bool = True,
     seed: int = 0,
 ) -> JacobianSpectrum:
-    """Spectrum of J = ∂F/∂h at h_T, `depth` (default μ_rec) iterations from the seeded h₀, or at `state`.
-    `steps`/`restarts` set the Krylov work; `norms`/`map_norm` = False skip ‖J_ii‖₂ / ‖J‖₂. Runs in eval mode,
-    accumulates no gradients and leaves the global RNG alone."""
+    """J = ∂F/∂h at h_T, `depth` (default μ_rec) iterations from the seeded h₀, or at `state`; `steps`/`restarts`: the
+    Krylov work; `norms`/`map_norm` = False skip ‖J_ii‖₂/‖J‖₂. Eval mode, no gradients kept, global RNG untouched."""
     with evaluating(model):
         fmap = loop_map(model, input_ids)
         depth = model.config.mean_recurrence if depth is None else depth
@@ -280,26 +246,20 @@ def jacobian_spectrum(
         if not bool(torch.isfinite(h).all()):
             raise ValueError(f"the state after {depth} iterations is not finite, so its Jacobian is undefined.")
         batch, seq_len, width = h.shape
+        tokens = batch * seq_len
         generator = torch.Generator(device=h.device).manual_seed(seed)
         local = Linearisation(_WithAttention(fmap, token_local=True), h)
-        start = torch.randn(batch * seq_len, width, generator=generator, device=h.device, dtype=h.dtype)
+        start = torch.randn(tokens, width, generator=generator, device=h.device, dtype=h.dtype)
         # The token-local map gives J_ii v_i for every token at once: one operator per row of `start`.
-        radius, residual = krylov_spectral_radius(_per_row(local.jvp, h, batch * seq_len), start, steps, restarts)
+        radius, residual = krylov_spectral_radius(_per_row(local.jvp, h, tokens), start, steps, restarts)
         block_norm = torch.full_like(radius, float("nan"))
         if norms:
-            block_gram = _per_row(local.gram, h, batch * seq_len)
-            block_norm = krylov_spectral_radius(block_gram, start, steps, restarts=0)[0].sqrt()
+            block_norm = krylov_spectral_radius(_per_row(local.gram, h, tokens), start, steps, restarts=0)[0].sqrt()
         whole = None
         if map_norm:
             gram = _per_row(Linearisation(_WithAttention(fmap, token_local=False), h).gram, h, batch)
             seq_start = torch.randn(batch, seq_len * width, generator=generator, device=h.device, dtype=h.dtype)
             whole = krylov_spectral_radius(gram, seq_start, steps, restarts=0)[0].sqrt()
-        return JacobianSpectrum(
-            depth=depth,
-            radius=radius.view(batch, seq_len),
-            residual=residual.view(batch, seq_len),
-            block_norm=block_norm.view(batch, seq_len),
-            map_norm=whole,
-            rho_A=float(model.injection.spectral_radius()),
-            state_norm=float(h.float().norm(dim=-1).mean()),
-        )
+        radius, residual, block_norm = (values.view(batch, seq_len) for values in (radius, residual, block_norm))
+        rho_A, state_norm = float(model.injection.spectral_radius()), float(h.float().norm(dim=-1).mean())
+        return JacobianSpectrum(depth, radius, residual, block_norm, whole, rho_A, state_norm)

@@ -1,11 +1,5 @@
-"""An lm-evaluation-harness model, `parcae`, scoring and generating at a fixed test-time depth (README).
-
-lm-eval (0.4.x) reads no plugin entry points: importing this module registers `parcae`, and
-`python -m parcae.interop.lm_eval ARGS` is lm-eval's command line with it. Every sequence starts with `<|bos|>`,
-as Parcae documents do in training; generation is greedy only, so that the harness's scores are reproducible.
-"""
-
-from __future__ import annotations
+"""The lm-evaluation-harness model `parcae` (registered on import: lm-eval 0.4 reads no entry points) at a fixed depth.
+Every sequence starts with `<|bos|>`, as Parcae documents do; generation is greedy, so that scores are reproducible."""
 
 import itertools
 import logging
@@ -26,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data.tokenizer import Tokenizer
 from ..device import resolve_device
-from ..eval.scoring import Row, evaluating, make_row, model_device, score_groups
+from ..eval.scoring import Row, evaluating, make_row, score_groups
 from ..model.parcae import Parcae
 from ..train.run import open_run
 
@@ -35,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class ParcaeLM(TemplateLM):
-    """lm-eval's `LM` interface over a Parcae model and its tokenizer (see the module docstring)."""
+    """lm-eval's `LM` over a Parcae model and its tokenizer; `batch_size` is fixed (no "auto" batch-size search)."""
 
     def __init__(
         self,
@@ -56,69 +50,47 @@ class ParcaeLM(TemplateLM):
         if (path is None) == (model is None) or (model is not None and tokenizer is None):
             raise ValueError("ParcaeLM needs either path=RUN or both model= and tokenizer=.")
         if path is not None:
-            if device and device.startswith("cuda") and not torch.cuda.is_available():
-                # lm-eval's command line asks for cuda:0 unless told otherwise; fall back, as its own models do.
+            if device and device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default: cuda:0
                 logger.warning("CUDA is not available; the parcae model runs on the CPU.")
                 device = "cpu"
             run = open_run(path, checkpoint=checkpoint, device=resolve_device(device or "auto"))
             model, tokenizer = run.model, run.tokenizer
-        assert model is not None and tokenizer is not None
         self.model, self.tok = model.eval(), tokenizer
         cfg = model.config
         self.num_steps = cfg.mean_recurrence if num_steps is None else num_steps
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
         self.state_seed = int(state_seed)
-        # No automatic batch-size search ("auto"): batches are small and sorted by length.
-        self._batch_size = (
-            DEFAULT_BATCH_SIZE if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
-        )
-        if self._batch_size < 1:
+        auto = batch_size is None or str(batch_size).startswith("auto")
+        self.batch_size = DEFAULT_BATCH_SIZE if auto else int(batch_size)
+        if self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        self._max_length = cfg.max_seq_len if max_length is None else int(max_length)
-        if not 2 <= self._max_length <= cfg.max_seq_len:
+        self.max_length = cfg.max_seq_len if max_length is None else int(max_length)
+        if not 2 <= self.max_length <= cfg.max_seq_len:
             raise ValueError(f"max_length must lie in [2, {cfg.max_seq_len}] (the model's context), got {max_length}.")
         self.max_gen_toks = int(max_gen_toks)
-        self._device = model_device(model)
+        self._device = next(model.parameters()).device
 
     @property
     def eot_token_id(self) -> int:
-        return self.tok.bos_id  # documents are delimited by BOS in Parcae's data
-
-    @property
-    def prefix_token_id(self) -> int:
-        return self.tok.bos_id
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    @property
-    def batch_size(self) -> int:
-        return self._batch_size
+        return self.tok.bos_id  # also lm-eval's `prefix_token_id`
 
     @property
     def _shared(self) -> dict[str, Any]:
         """The settings of both scoring and generation: depth, h₀ seed, padding and the tokenizer's vocabulary."""
-        return {
-            "num_steps": self.num_steps,
-            "state_seed": self.state_seed,
-            "pad_id": self.tok.pad_id,
-            "vocab_limit": self.tok.vocab_size,
-        }
+        tok = self.tok
+        return dict(num_steps=self.num_steps, state_seed=self.state_seed, pad_id=tok.pad_id, vocab_limit=tok.vocab_size)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """Token ids of `string`, with a leading BOS unless `add_special_tokens` is False."""
-        ids = self.tok.encode(string)
-        return ids if add_special_tokens is False else [self.tok.bos_id, *ids]
+        return self.tok.encode(string) if add_special_tokens is False else [self.tok.bos_id, *self.tok.encode(string)]
 
     def tok_decode(self, tokens: Sequence[int], **kwargs: Any) -> str:
         return self.tok.decode(tokens)
 
     def get_model_info(self) -> dict[str, Any]:
         cfg = self.model.config
-        num_steps = self.num_steps if cfg.is_looped else None
-        return {"model": cfg.name, "num_steps": num_steps, "state_seed": self.state_seed}
+        return dict(model=cfg.name, num_steps=self.num_steps if cfg.is_looped else None, state_seed=self.state_seed)
 
     def _score(self, rows: Sequence[Row | None], desc: str, disable_tqdm: bool) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) per row, batched; a None row (nothing to score) gives (0.0, True)."""
@@ -165,19 +137,15 @@ class ParcaeLM(TemplateLM):
             budget = int(kwargs["max_gen_toks"])
             if budget < 1:
                 raise ValueError(f"max_gen_toks must be a positive integer, got {budget}.")
-            if budget >= self.max_length:  # e.g. lm-eval's default 256 with a 256-token model: keep one context token
-                fit = self.max_length - 1
+            fit = min(budget, self.max_length - 1)  # e.g. lm-eval's default 256 in a 256-token context
+            if fit < budget:
                 logger.warning("max_gen_toks %d does not fit the %d-token context; using %d.", budget, fit + 1, fit)
-                budget = fit
-            ids = self.tok_encode(context)[-(self.max_length - budget) :]
-            jobs.append((ids, budget, [s for s in kwargs["until"] if s]))
+            jobs.append((self.tok_encode(context)[-(self.max_length - fit) :], fit, [s for s in kwargs["until"] if s]))
         outputs = [""] * len(jobs)
         # Rows of a batch share one budget, so left-padded prompt + budget always fits the context.
         order = sorted(range(len(jobs)), key=lambda j: (jobs[j][1], -len(jobs[j][0])))
-        batches: list[list[int]] = []
-        for _, group in itertools.groupby(order, key=lambda j: jobs[j][1]):
-            same = list(group)
-            batches += [same[k : k + self.batch_size] for k in range(0, len(same), self.batch_size)]
+        groups = [list(group) for _, group in itertools.groupby(order, key=lambda j: jobs[j][1])]
+        batches = [group[k : k + self.batch_size] for group in groups for k in range(0, len(group), self.batch_size)]
         with tqdm(total=len(jobs), desc="parcae generate_until", disable=disable_tqdm) as bar:
             for batch in batches:
                 for j, text in zip(batch, self._greedy([jobs[j] for j in batch]), strict=True):
@@ -187,21 +155,15 @@ class ParcaeLM(TemplateLM):
         return outputs
 
     def _greedy(self, jobs: list[tuple[list[int], int, list[str]]]) -> list[str]:
-        """Greedy continuations of a batch of (context ids, max new tokens, stop strings), one budget for all:
-        `Parcae.generate` (KV cache, left padding), stopped once every row has met a stop string."""
+        """Greedy continuations of (context ids, max new tokens, stop strings) sharing one budget, cut at a stop."""
         specials = [self.tok.bos_id, self.tok.eos_id, self.tok.pad_id]
         new: list[list[int]] = [[] for _ in jobs]
-        texts = [""] * len(jobs)
-        done = [False] * len(jobs)
+        texts, done = [""] * len(jobs), [False] * len(jobs)
         with evaluating(self.model):
-            stream = self.model.generate(
-                [ids for ids, _, _ in jobs], jobs[0][1], temperature=0.0, stop=specials, stream=True, **self._shared
-            )
-            for step in stream:
+            prompts, options = [ids for ids, _, _ in jobs], dict(temperature=0.0, stop=specials, **self._shared)
+            for step in self.model.generate(prompts, jobs[0][1], stream=True, **options):
                 for i, token in enumerate(step.tokens.tolist()):
-                    if done[i]:
-                        continue
-                    if token in specials:  # a document boundary ends the answer
+                    if done[i] or token in specials:  # a document boundary ends the answer
                         done[i] = True
                         continue
                     new[i].append(token)
@@ -209,13 +171,10 @@ class ParcaeLM(TemplateLM):
                     done[i] = any(s in texts[i] for s in jobs[i][2])
                 if all(done):
                     break
-        return [_cut(text, stops) for text, (_, _, stops) in zip(texts, jobs, strict=True)]
-
-
-def _cut(text: str, stops: Sequence[str]) -> str:
-    """`text` up to the first occurrence of any stop string."""
-    positions = [text.find(s) for s in stops if s in text]
-    return text[: min(positions)] if positions else text
+        for i, (_, _, stops) in enumerate(jobs):
+            cuts = [texts[i].find(s) for s in stops if s in texts[i]]
+            texts[i] = texts[i][: min(cuts, default=len(texts[i]))]
+        return texts
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -227,9 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli_evaluate()
 
 
-if __name__ == "__main__":
-    # Run as a script, this file is `__main__`; the model is registered by the package module instead,
-    # so that `parcae` names one class only.
+if __name__ == "__main__":  # run as a script: the package module imported here registers `parcae`, as one class
     from parcae.interop.lm_eval import main as _main
 
     _main()

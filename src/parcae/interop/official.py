@@ -1,15 +1,5 @@
-"""Official `parcae-lm` checkpoints ⇄ Parcae models: the exact state-dict mapping (docs/official-format.md).
+"""Official `parcae-lm` checkpoints ⇄ Parcae models: the exact, strict state-dict mapping (docs/official-format.md)."""
 
-The official code rotates interleaved RoPE pairs (2i, 2i+1), ours (i, i + D/2): permuting each head's rows of
-`c_q` and `c_k` alike makes them equal, since q·k and the parameter-free QK-norm are sums over channels.
-Loading is strict: every tensor is consumed or on the ignore list (dropped value-embedding tables and gates the
-official forward never reads, the checked `freqs_cis` and tied head), every parameter is filled and shapes
-match; otherwise a ValueError names the official keys.
-"""
-
-from __future__ import annotations
-
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +10,7 @@ from ..model.config import ParcaeConfig
 from ..model.parcae import Parcae
 from .official_config import OFFICIAL_STATE_INITS, OfficialLayout, official_config_dict, official_layout
 
-# Prefixes that wrappers (DDP, torch.compile, a training module) add to keys; the official loader strips them too.
-STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
+STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")  # wrapper prefixes, stripped as the official loader does
 
 
 @dataclass
@@ -37,10 +26,8 @@ class ConversionReport:
         cfg = self.config
         # Not `value_embedding_layers`: it is None under the alternating rule, which would read as "none".
         layers = [i for i in range(cfg.n_layers) if cfg.has_value_embedding(i)]
-        lines = [
-            f"converted {cfg.name}: {cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda} layers, d_model {cfg.d_model}, "
-            f"d_state {cfg.d_state}, value embeddings on layers {layers}"
-        ]
+        shape = f"{cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda} layers, d_model {cfg.d_model}, d_state {cfg.d_state}"
+        lines = [f"converted {cfg.name}: {shape}, value embeddings on layers {layers}"]
         lines += [f"dropped {key}: {reason}" for key, reason in self.dropped.items()]
         return "\n".join(lines + self.notes)
 
@@ -50,23 +37,14 @@ _BLOCK_PARAMS = {"norm_1.weight": "attn_norm.weight"} | {f"attn.c_{x}.weight": f
 _BLOCK_PARAMS |= {"attn.c_proj.weight": "attn.out_proj.weight", "norm_2.weight": "mlp_norm.weight"}
 _BLOCK_PARAMS |= {"mlp.fc.weight": "mlp.up_proj.weight", "mlp.proj.weight": "mlp.down_proj.weight"}
 _ROTATED = ("attn.c_q.weight", "attn.c_k.weight")  # rows permuted between the RoPE layouts
-_INJECTION_PARAMS = {
-    "diagonal": {"A_log": "A_log", "dt_bias": "dt_bias", "B": "B"},
-    "linear": {"adapter.weight": "weight"},
-    "add": {},
-}
-_OUR_PARTS = {"prelude": "prelude", "core_block": "core", "coda": "coda"}
+_INJECTION_PARAMS = {"diagonal": ("A_log", "dt_bias", "B"), "linear": ("adapter.weight",), "add": ()}
 
 
 def _key_map(layout: OfficialLayout) -> tuple[dict[str, str], dict[str, str]]:
-    """(every official key that carries a parameter of our model → our key, the explicit ignore list: official
-    keys that carry nothing our model needs → why)."""
+    """(official key → our key for every parameter of our model, official keys our model does not need → why)."""
     cfg = layout.config
-    mapping = {
-        "transformer.wte.weight": "embed.weight",
-        "transformer.ln_f.weight": "final_norm.weight",
-        "transformer.C.weight": "readout.weight",
-    }
+    mapping = {"transformer.wte.weight": "embed.weight", "transformer.ln_f.weight": "final_norm.weight"}
+    mapping["transformer.C.weight"] = "readout.weight"
     ignored = {"freqs_cis": "RoPE buffer, recomputed from rope_base (checked equal)"}
     if cfg.prelude_norm:
         mapping["transformer.ln_prelude.weight"] = "prelude_norm.weight"
@@ -74,32 +52,27 @@ def _key_map(layout: OfficialLayout) -> tuple[dict[str, str], dict[str, str]]:
         ignored["lm_head.weight"] = "tied to transformer.wte.weight (checked equal)"
     else:
         mapping["lm_head.weight"] = "lm_head.weight"
-    for name, ours in _INJECTION_PARAMS[cfg.injection].items():
-        mapping[f"transformer.adapter.{name}"] = f"injection.{ours}"
+    for name in _INJECTION_PARAMS[cfg.injection]:
+        mapping[f"transformer.adapter.{name}"] = f"injection.{name.removeprefix('adapter.')}"
+    unread = "never read by the official forward"
+    rule = f"the official gate rule uses n_layer = n_core·mean_backprop_depth = {layout.gate_n_layer}"
     for i, block in enumerate(layout.blocks):
-        part, index = block.split(".")
-        ours = f"{_OUR_PARTS[part]}.{index}"
-        for name, our_name in _BLOCK_PARAMS.items():
-            mapping[f"transformer.{block}.{name}"] = f"{ours}.{our_name}"
+        ours = block.replace("core_block.", "core.")  # prelude.j and coda.j keep their names
+        mapping |= {f"transformer.{block}.{name}": f"{ours}.{our_name}" for name, our_name in _BLOCK_PARAMS.items()}
         if i in (cfg.value_embedding_layers or ()):
             mapping[f"transformer.{block}.attn.ve_gate.weight"] = f"{ours}.attn.ve_gate.weight"
             mapping[f"value_embeds.{i}.weight"] = f"value_embeds.{i}.weight"
             continue
         if i in layout.tables:
-            ignored[f"value_embeds.{i}.weight"] = (
-                f"table without a gate on transformer.{block} (the official gate rule uses n_layer = "
-                f"n_core·mean_backprop_depth = {layout.gate_n_layer}), never read by the official forward"
-            )
+            ignored[f"value_embeds.{i}.weight"] = f"table without a gate on transformer.{block} ({rule}), {unread}"
         if block in layout.gates:
-            ignored[f"transformer.{block}.attn.ve_gate.weight"] = (
-                f"gate without a value_embeds.{i} table, never read by the official forward"
-            )
+            ignored[f"transformer.{block}.attn.ve_gate.weight"] = f"gate without a value_embeds.{i} table, {unread}"
     return mapping, ignored
 
 
 def interleaved_to_rotate_half(weight: Tensor, head_dim: int, *, inverse: bool = False) -> Tensor:
-    """Permute the output rows of a q/k projection [H·D, C] within each head: official (interleaved RoPE) → ours
-    (rotate-half), where our channel i is official channel order[i]; `inverse` goes ours → official."""
+    """Permute each head's rows of a q/k projection [H·D, C] from official RoPE pairs (2i, 2i+1) to ours (i, i + D/2)
+    (`inverse`: back). Exact, since q·k and the parameter-free QK-norm are sums over channels."""
     order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
     order = torch.argsort(order) if inverse else order
     return weight.reshape(weight.shape[0] // head_dim, head_dim, -1)[:, order].reshape(weight.shape)
@@ -128,44 +101,47 @@ def strip_prefixes(state_dict: dict[str, Any]) -> dict[str, Any]:
 def convert_state_dict(
     state_dict: dict[str, Any], config_dict: dict[str, Any], *, state_init: str | None = None
 ) -> tuple[ParcaeConfig, dict[str, Tensor], ConversionReport]:
-    """Official (state_dict, config.json) → (our config, our state dict, report). Strict; see module docstring."""
+    """Official (state_dict, config.json) → (our config, our state dict, report). Strict: every official tensor is
+    mapped or ignored, every parameter of ours is filled, every shape matches; else a ValueError naming the keys."""
     layout = official_layout(config_dict, state_init=state_init)
     cfg = layout.config
     state = strip_prefixes(state_dict)
     not_tensors = sorted(k for k, v in state.items() if not isinstance(v, Tensor))
     if not_tensors:
         raise ValueError(f"the checkpoint holds non-tensor entries: {abbreviated(not_tensors)}.")
-
-    mapping, ignored = _key_map(layout)
-    optional = {"freqs_cis", "lm_head.weight"} | {k for k in ignored if "value_embeds" in k or "ve_gate" in k}
+    mapping, ignored = _key_map(layout)  # every ignored tensor is optional
     missing = sorted(k for k in mapping if k not in state)
     unexpected = sorted(k for k in state if k not in mapping and k not in ignored)
-    missing += sorted(k for k in ignored if k not in state and k not in optional)
-    if missing or unexpected:
-        parts = [f"missing {abbreviated(missing)}"] if missing else []
-        parts += [f"unexpected {abbreviated(unexpected)}"] if unexpected else []
-        hint = " (is this a Parcae checkpoint, and the config.json that belongs to it?)"
-        raise ValueError(f"official checkpoint does not match its config: {'; '.join(parts)}{hint}")
-
+    parts = [f"{what} {abbreviated(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if parts:
+        hint = "is this a Parcae checkpoint, and the config.json that belongs to it?"
+        raise ValueError(f"official checkpoint does not match its config: {'; '.join(parts)} ({hint})")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Parcae(cfg).state_dict().items()}
     converted: dict[str, Tensor] = {}
     wrong: list[str] = []
     for key, ours in mapping.items():
-        tensor = state[key]
-        if key == "lm_head.weight" and layout.tied_head_transposed:
-            tensor = tensor.t()
+        tensor = state[key].t() if key == "lm_head.weight" and layout.tied_head_transposed else state[key]
         if tuple(tensor.shape) != expected[ours]:
             wrong.append(f"{key} {tuple(tensor.shape)} ≠ {expected[ours]}")
-            continue
-        converted[ours] = interleaved_to_rotate_half(tensor, cfg.head_dim) if key.endswith(_ROTATED) else tensor
+        else:
+            converted[ours] = interleaved_to_rotate_half(tensor, cfg.head_dim) if key.endswith(_ROTATED) else tensor
     if wrong:
         raise ValueError(f"official checkpoint has wrong shapes for its config: {abbreviated(wrong)}.")
     uncovered = sorted(set(expected) - set(converted) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     if uncovered:  # a parameter of our model that no official tensor fills: a bug in the mapping, never silent
         raise ValueError(f"conversion leaves parameters unfilled: {abbreviated(uncovered)}.")
-
-    _check_rope(state.get("freqs_cis"), layout)
+    rope, mismatch = state.get("freqs_cis"), "the config.json does not belong to these weights"
+    table = official_rope_table(layout.rope_positions, cfg.head_dim, cfg.rope_base)
+    if rope is not None and rope.shape != table.shape:
+        got = f"{tuple(rope.shape)}, not {tuple(table.shape)}"
+        raise ValueError(f"freqs_cis has shape {got} (block_size/randomize_positions_from, head_dim): {mismatch}.")
+    if rope is not None and not rope.is_meta:
+        # libraries' cos/sin differ by ~1e-6 (more in 16 bits); another base is ≥ 0.1 off within a few dozen positions
+        tolerance = max(1e-3, 4 * torch.finfo(rope.dtype).eps) if rope.is_floating_point() else 1e-3
+        error = (rope.float() - table).abs().max().item()
+        if error > tolerance:
+            raise ValueError(f"freqs_cis does not match rope_base {cfg.rope_base:g} (max |Δ| {error:.2g}): {mismatch}.")
     head, embed = state.get("lm_head.weight"), state["transformer.wte.weight"]
     if cfg.tie_embeddings and head is not None:
         tied = head.shape == embed.shape and (head.is_meta or embed.is_meta or torch.equal(head, embed))
@@ -180,39 +156,13 @@ def convert_state_dict(
     return cfg, converted, report
 
 
-def _check_rope(freqs_cis: Tensor | None, layout: OfficialLayout) -> None:
-    cfg = layout.config
-    if freqs_cis is None:
-        return
-    shape = (1, layout.rope_positions, 1, cfg.head_dim // 2, 2)
-    if tuple(freqs_cis.shape) != shape:
-        raise ValueError(
-            f"freqs_cis has shape {tuple(freqs_cis.shape)}, but block_size/randomize_positions_from and head_dim "
-            f"give {shape}: the config.json does not belong to these weights."
-        )
-    if freqs_cis.is_meta:
-        return
-    expected = official_rope_table(layout.rope_positions, cfg.head_dim, cfg.rope_base)
-    # Tolerance: cos/sin of angles up to ~block_size rad differ by ~1e-6 between math libraries (more if the
-    # buffer was cast to 16 bits); another base differs by ≥ 0.1 within a few dozen positions.
-    tolerance = max(1e-3, 4 * torch.finfo(freqs_cis.dtype).eps) if freqs_cis.is_floating_point() else 1e-3
-    error = (freqs_cis.float() - expected).abs().max().item()
-    if error > tolerance:
-        raise ValueError(
-            f"freqs_cis does not match rope_base {cfg.rope_base:g} (max |Δ| {error:.2g}): the config.json's "
-            "rope_settings do not belong to these weights."
-        )
-
-
 def abbreviated(names: list[str], limit: int = 8) -> str:
     """The first `limit` names, and how many more there are (for error messages)."""
     return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 def from_parcae_lm(state_dict: dict[str, Any], config_dict: dict[str, Any], **options: Any) -> Parcae:
-    """A Parcae (eval mode) whose logits match the official model's. Options as `from_parcae_lm_with_report`:
-    `state_init` ('zero' for parity runs; default the official setting), `device`, `dtype`. Raises ValueError,
-    loading nothing, on a mismatch or an unimplemented feature."""
+    """A Parcae (eval mode) with the official model's logits; `options` as in `from_parcae_lm_with_report`."""
     return from_parcae_lm_with_report(state_dict, config_dict, **options)[0]
 
 
@@ -224,7 +174,7 @@ def from_parcae_lm_with_report(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> tuple[Parcae, ConversionReport]:
-    """`from_parcae_lm`, plus the report of what was dropped."""
+    """`from_parcae_lm` plus the report; `state_init`: 'zero' for parity runs, by default the official setting."""
     cfg, state, report = convert_state_dict(state_dict, config_dict, state_init=state_init)
     with torch.device("meta"):
         model = Parcae(cfg)
@@ -253,17 +203,12 @@ def to_parcae_lm(model: Parcae) -> tuple[dict[str, Tensor], dict[str, Any]]:
     ours = {i for i in range(cfg.n_layers) if cfg.has_value_embedding(i)}
     gate_layers = {i for i, block in enumerate(layout.blocks) if block in layout.gates}
     if ours != set(layout.tables) or ours != gate_layers:
-        raise ValueError(
-            f"the official format puts value-embedding tables on layers {sorted(layout.tables)} and gates on "
-            f"{sorted(gate_layers)} for this shape; this model has them on {sorted(ours)}."
-        )
+        where = f"tables on layers {sorted(layout.tables)} and gates on {sorted(gate_layers)} for this shape"
+        raise ValueError(f"the official format puts value-embedding {where}; this model has them on {sorted(ours)}.")
     state = model.state_dict()
-    official: dict[str, Tensor] = {}
-    for key, our_key in _key_map(layout)[0].items():
-        tensor = state[our_key].detach()
-        if key.endswith(_ROTATED):
-            tensor = interleaved_to_rotate_half(tensor, cfg.head_dim, inverse=True)
-        official[key] = tensor
+    official = {key: state[our_key].detach() for key, our_key in _key_map(layout)[0].items()}
+    for key in [k for k in official if k.endswith(_ROTATED)]:
+        official[key] = interleaved_to_rotate_half(official[key], cfg.head_dim, inverse=True)
     official["lm_head.weight"] = state["lm_head.weight"].detach()  # the official model saves the tied head too
     rope = official_rope_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
     official["freqs_cis"] = rope.to(state["embed.weight"].device)  # (meta stays meta)
@@ -273,4 +218,4 @@ def to_parcae_lm(model: Parcae) -> tuple[dict[str, Tensor], dict[str, Any]]:
 def parameter_count(state_dict: dict[str, Tensor], config_dict: dict[str, Any]) -> int:
     """Unique parameters of an official state dict (the tied head and the RoPE buffer not counted)."""
     skip = {"freqs_cis"} | ({"lm_head.weight"} if config_dict.get("tie_embeddings") else set())
-    return sum(math.prod(t.shape) for k, t in strip_prefixes(state_dict).items() if k not in skip)
+    return sum(t.numel() for k, t in strip_prefixes(state_dict).items() if k not in skip)

@@ -1,7 +1,4 @@
-"""Reading official `parcae-lm` checkpoint directories: config.json plus safetensors (maybe sharded) or
-weights-only pickles, so a checkpoint never runs pickled code; an unreadable file raises an error naming it."""
-
-from __future__ import annotations
+"""Reading official `parcae-lm` checkpoint directories: config.json plus safetensors or weights-only pickles."""
 
 import json
 import pickle
@@ -16,8 +13,7 @@ from ..model.io import CONFIG_FILE
 from ..model.parcae import Parcae
 from .official import ConversionReport, abbreviated, from_parcae_lm_with_report
 
-# Weight files of an official checkpoint directory, in order of preference (safetensors may be sharded).
-OFFICIAL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
+OFFICIAL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")  # by preference
 
 
 def read_parcae_lm(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -42,26 +38,20 @@ def read_parcae_lm(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, 
         if clash:
             raise ValueError(f"{path} repeats tensors of another shard: {abbreviated(clash)}.")
         state.update(part)
-    if state:
-        return state, config_dict
-    for name in OFFICIAL_WEIGHT_FILES[1:]:
-        if (directory / name).is_file():
-            return read_torch_weights(directory / name), config_dict
-    raise FileNotFoundError(f"{directory} has no weights ({', '.join(OFFICIAL_WEIGHT_FILES)} or *.safetensors).")
+    pickles = [directory / name for name in OFFICIAL_WEIGHT_FILES[1:] if (directory / name).is_file()]
+    if not state and not pickles:
+        raise FileNotFoundError(f"{directory} has no weights ({', '.join(OFFICIAL_WEIGHT_FILES)} or *.safetensors).")
+    return state or read_torch_weights(pickles[0]), config_dict
 
 
 def read_torch_weights(path: str | Path) -> dict[str, Tensor]:
     """A `torch.save`d state dict, loaded with weights_only=True (never arbitrary pickled code)."""
-    path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} is not a weights-only checkpoint (loading it would run pickled code, which is refused): "
-            f"{str(err).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, pickle.UnpicklingError):
+            raise ValueError(f"{path} is not a weights-only checkpoint (it would run pickled code): {reason}") from None
         raise ValueError(f"cannot read {path}: {reason}") from None
     for wrapper in ("state_dict", "model"):  # training checkpoints often nest the weights one level down
         if isinstance(obj, dict) and len(obj) and isinstance(obj.get(wrapper), dict) and not _is_state(obj):
@@ -88,5 +78,4 @@ def load_parcae_lm(
     directory: str | Path, *, state_init: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[Parcae, ConversionReport]:
     """Read and convert an official checkpoint directory."""
-    state, config_dict = read_parcae_lm(directory)
-    return from_parcae_lm_with_report(state, config_dict, state_init=state_init, device=device)
+    return from_parcae_lm_with_report(*read_parcae_lm(directory), state_init=state_init, device=device)

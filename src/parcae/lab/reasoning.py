@@ -1,7 +1,5 @@
 """`parcae lab reasoning` (README § Reasoning lab): does looping turn extra iterations into sequential reasoning?
-
-Exact match is scored with teacher forcing: argmax at every answer position equals greedy decoding's result.
-"""
+Exact match is scored with teacher forcing: argmax at every answer position equals greedy decoding's result."""
 
 from __future__ import annotations
 
@@ -21,6 +19,7 @@ from ..data.tokenizer import ByteTokenizer
 from ..model.config import ParcaeConfig, get_preset
 from ..model.exit import ExitCriterion
 from ..model.parcae import IGNORE_INDEX, Parcae
+from ..plotting import decorate, pyplot, save
 from ..train.config import TrainConfig
 from ..train.optim import build_optimizer
 from ..train.schedule import lr_multiplier
@@ -53,8 +52,7 @@ def encode(examples: Sequence[Example], tokenizer: ByteTokenizer, length: int | 
     for i, (row, start) in enumerate(zip(rows, answer_starts, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)
         labels[i, start - 1 : len(row) - 1] = torch.tensor(row[start:])  # predict each answer token
-    difficulty = torch.tensor([ex.difficulty for ex in examples])
-    return EncodedSet(ids[:, :width], labels, difficulty)
+    return EncodedSet(ids[:, :width], labels, torch.tensor([ex.difficulty for ex in examples]))
 
 
 @dataclass
@@ -163,8 +161,7 @@ def run_reasoning_lab(
     train_examples, test_examples = make_splits(
         task, train_difficulties, test_difficulties, train_per_difficulty, test_per_difficulty, seed
     )
-    train_set = encode(train_examples, tokenizer)
-    test_set = encode(test_examples, tokenizer)
+    train_set, test_set = encode(train_examples, tokenizer), encode(test_examples, tokenizer)
     context = max(train_set.inputs.shape[1], test_set.inputs.shape[1])
     looped = get_preset(preset, max_seq_len=max(context, 16))
     if context > get_preset(preset).max_seq_len:
@@ -196,12 +193,10 @@ def run_reasoning_lab(
             echo(f"  {contestant.name}: adaptive exit ({exit}, at most {max(depths)} iterations)")
             criterion = ExitCriterion.parse(exit)
             correct, used = exact_match_with_exit(model, test_set, criterion, max(depths))
-            entry["adaptive_exit"] = {
-                "criterion": exit,
-                "max_steps": max(depths),
-                "accuracy": table(correct),
-                "iterations": table(used),
-            }
+            accuracy, iterations = table(correct), table(used)
+            entry["adaptive_exit"] = dict(
+                criterion=exit, max_steps=max(depths), accuracy=accuracy, iterations=iterations
+            )
         else:
             (correct,) = exact_match_by_depth(model, test_set, [model.config.mean_recurrence])
             entry["accuracy"] = table(correct)
@@ -253,11 +248,7 @@ def format_report(results: dict[str, Any], mean: int) -> str:
 
 
 def plot_reasoning(results: dict[str, Any], mean: int, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     difficulties = results["test_difficulties"]
     by_depth = results["models"]["parcae"]["accuracy_by_depth"]
     depths = sorted(int(t) for t in by_depth)
@@ -266,13 +257,11 @@ def plot_reasoning(results: dict[str, Any], mean: int, out: Path) -> None:
     image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(difficulties)), difficulties)
     ax.set_yticks(range(len(depths)), depths)
-    ax.set_xlabel("difficulty")
-    ax.set_ylabel("test-time depth T")
-    ax.set_title(f"{results['task']}: Parcae exact match (μ_rec = {mean})")
+    ax.set(
+        xlabel="difficulty", ylabel="test-time depth T", title=f"{results['task']}: Parcae exact match (μ_rec = {mean})"
+    )
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out / "parcae_heatmap.png")
-    plt.close(fig)
+    save(fig, out / "parcae_heatmap.png")
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for t in (1, mean, 3 * mean):
@@ -283,10 +272,5 @@ def plot_reasoning(results: dict[str, Any], mean: int, out: Path) -> None:
             accuracy = [model["accuracy"].get(d, float("nan")) for d in difficulties]
             ax.plot(difficulties, accuracy, marker="s", linestyle="--", label=name)
     ax.axvspan(min(results["train_difficulties"]) - 0.5, max(results["train_difficulties"]) + 0.5, alpha=0.1)
-    ax.set_xlabel("difficulty (shaded: training range)")
-    ax.set_ylabel("exact match")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_by_difficulty.png")
-    plt.close(fig)
+    decorate(ax, "difficulty (shaded: training range)", "exact match", legend=0)
+    save(fig, out / "accuracy_by_difficulty.png")

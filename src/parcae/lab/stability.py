@@ -1,7 +1,5 @@
-"""The stability lab (README § Stability lab): the paper's stability findings (its Tables 2, 4 and 8) in miniature.
-
-The recipe is that of small reference runs of the official code, so that results are comparable.
-"""
+"""The stability lab (README § Stability lab): the paper's stability findings (its Tables 2, 4 and 8) in miniature,
+with the recipe of small reference runs of the official code, so that results are comparable."""
 
 from __future__ import annotations
 
@@ -14,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.shards import is_prepared, prepare
-from ..data.tokenizer import get_tokenizer
+from ..data.shards import prepare_once
 from ..device import resolve_device
 from ..eval.loss import loss_by_depth
 from ..eval.stability import jacobian_spectrum
@@ -208,7 +205,7 @@ def run_lab(lab: LabConfig, out: str | Path, *, echo: Callable[[str], None] = pr
     """Train (or reuse) every planned run, then write results.json, report.md and the plots; returns the results."""
     out = Path(out)
     _claim_lab_dir(out, lab)
-    data_dir = _prepare_data(lab, out, echo)
+    data_dir = prepare_once(lab.data, out / "data", "byte", echo, "the whole lab", val_fraction=0.02, overwrite=True)
     specs = plan_runs(lab)
     echo(f"stability lab: {len(specs)} runs × {lab.steps} steps = {len(specs) * lab.steps:,} steps → {out}")
     results, started = [], time.perf_counter()
@@ -250,17 +247,6 @@ def _claim_lab_dir(out: Path, lab: LabConfig) -> None:
         raise ValueError(f"{out} exists and is not a stability lab directory; choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps(lab.to_dict(), indent=2) + "\n")
-
-
-def _prepare_data(lab: LabConfig, out: Path, echo: Callable[[str], None]) -> Path:
-    """Tokenize the corpus once for every run (a prepared directory is used as is)."""
-    if is_prepared(lab.data):
-        return Path(lab.data)
-    data_dir = out / "data"
-    if not is_prepared(data_dir):
-        echo(f"tokenizing {lab.data} into {data_dir} (once for the whole lab) …")
-        prepare(lab.data, get_tokenizer("byte"), data_dir, val_fraction=0.02, progress=False, overwrite=True)
-    return data_dir
 
 
 def _train_one(spec: RunSpec, lab: LabConfig, data_dir: Path, run_dir: Path, echo: Callable[[str], None]) -> dict:
@@ -308,7 +294,6 @@ def _train_one(spec: RunSpec, lab: LabConfig, data_dir: Path, run_dir: Path, ech
         curves, warmup_steps=lab.warmup_steps, d_state=model_cfg.d_state, mean_recurrence=spec.mean_recurrence,
         thresholds=lab.thresholds, stopped=error is not None,
     )  # fmt: skip
-    final_jacobian = jacobians[-1] if jacobians else {}
     return {
         **dataclasses.asdict(spec),
         "name": spec.name,
@@ -320,7 +305,7 @@ def _train_one(spec: RunSpec, lab: LabConfig, data_dir: Path, run_dir: Path, ech
         "steps_done": steps_done,
         "seconds": round(time.perf_counter() - started, 1),
         **curves.summary(spec.mean_recurrence),
-        "final_rho_J": final_jacobian.get("rho_J"),
+        "final_rho_J": jacobians[-1].get("rho_J") if jacobians else None,
         "jacobian": jacobians,
         "depth_curve": depth_curve,
         "curves": {"step": curves.steps, "loss": curves.loss, "rho_A": curves.rho_A, "state_norm": curves.state_norm},

@@ -1,8 +1,5 @@
-"""The stability lab's results: a run's logged curves, the divergence rule, and the report's tables and plots.
-
-`classify` follows README § Stability lab, "Verdict". The state rules matter: in the official code's reference runs
-an additive RDM kept a good loss while its state norm exploded.
-"""
+"""The stability lab's results: a run's logged curves, the divergence rule (`classify`, README § Stability lab,
+"Verdict"), the report's tables and plots."""
 
 from __future__ import annotations
 
@@ -13,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..plotting import decorate, pyplot, save
 from ..train.trainer import METRICS_FILE
 
 
@@ -30,9 +28,7 @@ def paper_prelude_norm(injection: str) -> bool:
 
 def norm_suffix(injection: str, prelude_norm: bool, on: str, off: str) -> str:
     """A label suffix only when the prelude norm departs from the paper's pairing."""
-    if prelude_norm == paper_prelude_norm(injection):
-        return ""
-    return on if prelude_norm else off
+    return "" if prelude_norm == paper_prelude_norm(injection) else on if prelude_norm else off
 
 
 @dataclass
@@ -133,11 +129,8 @@ def classify(
 # ---------------------------------------------------------------------- the report
 def write_report(results: Sequence[dict[str, Any]], settings: str, out: Path) -> str:
     """OUT/report.md (returned) and the plots; `settings`: the sentence that describes the lab's recipe."""
-    sections = ["# Stability lab", settings, format_matrix(results), format_jacobian_table(results)]
-    ablation = format_ablation_table(results)
-    if ablation:
-        sections.append(ablation)
-    report = "\n\n".join(sections) + "\n"
+    sections = [format_matrix(results), format_jacobian_table(results), format_ablation_table(results)]
+    report = "\n\n".join(["# Stability lab", settings, *filter(None, sections)]) + "\n"
     (out / "report.md").write_text(report)
     write_plots(results, out)
     return report
@@ -224,11 +217,7 @@ def format_ablation_table(results: Sequence[dict[str, Any]]) -> str:
 
 def write_plots(results: Sequence[dict[str, Any]], out: Path) -> None:
     """loss.png, rho_A.png, state_norm.png, jacobian.png (one panel per grid column) and ablation_depth.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     grid = [r for r in results if "grid" in r["groups"]]
     panels = list(dict.fromkeys(_column(r) for r in grid))
     labels = {"loss": "training loss", "rho_A": "ρ(Ā)", "state_norm": "‖h_T‖ (training)"}
@@ -248,30 +237,20 @@ def write_plots(results: Sequence[dict[str, Any]], out: Path) -> None:
                     ax.plot(r["curves"]["step"], r["curves"][key], marker=None, markersize=3, label=label)
             if key in ("rho_A", "jacobian"):
                 ax.axhline(1.0, color="gray", linewidth=0.8)
-            ax.set_title(_column_label(panel, ", μ_rec "))
-            ax.set_xlabel("step")
             if key == "state_norm":
                 ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            decorate(ax, "step", title=_column_label(panel, ", μ_rec "), legend=7)
         axes[0][0].set_ylabel(ylabel)
-        fig.tight_layout()
-        fig.savefig(out / f"{key}.png")
-        plt.close(fig)
+        save(fig, out / f"{key}.png")
     ablations = [r for r in results if r.get("depth_curve")]
     if ablations:
         fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
         for r in ablations:
             depths = sorted(int(d) for d in r["depth_curve"])
             ax.plot(depths, [r["depth_curve"][str(d)] for d in depths], marker="o", markersize=3, label=r["name"])
-        ax.set_xlabel("test-time depth T")
-        ax.set_ylabel("validation loss (nats/token)")
-        ax.set_title("ablations: loss vs test-time depth")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "ablation_depth.png")
-        plt.close(fig)
+        title = "ablations: loss vs test-time depth"
+        decorate(ax, "test-time depth T", "validation loss (nats/token)", title, legend=7)
+        save(fig, out / "ablation_depth.png")
 
 
 # ---------------------------------------------------------------------- small helpers

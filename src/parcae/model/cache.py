@@ -1,45 +1,18 @@
-"""Preallocated KV cache for a looped model, with per-iteration slots and sharing policies.
-
-Storage. Two tensors, allocated once for `capacity` columns (prompt + new tokens):
-
-* `outer` [n_prelude + n_coda, 2, B, H, capacity, D]: one slot per prelude and coda layer (they run once
-  per token);
-* `core` [n_slots, n_core, 2, B, H_core, capacity, D]: per core layer, `n_slots` *iteration slots*.
-
-A forward over a chunk of n new tokens writes columns [length, length + n) of the slots it uses and
-attends over columns [0, length + n) as a view: no per-token Python objects and no re-stacking (the
-official cache keeps a dict of per-token tensors and re-stacks them on every update, O(T²) copies per
-sequence; docs/official-format.md).
-
-Policies (iteration i of the loop uses core slot `i mod n_slots`):
-
-| policy     | n_slots     | iteration i of a new token attends to an earlier token's K/V from …                  |
-|------------|-------------|--------------------------------------------------------------------------------------|
-| `full`     | max_steps   | its iteration i (exactly what a full-sequence forward computes)                       |
-| `budget:k` | min(k, max) | its latest iteration j ≡ i (mod k), j < max_steps (e.g. k = 2, T = 8: iteration 6 or 7) |
-| `last`     | 1           | its final iteration (= `budget:1`)                                                     |
-
-Tokens of the *same* chunk always attend to each other's current iteration (they are computed together),
-so a policy only changes what tokens from earlier forwards contribute. KV memory per cached token and row:
-2 · D · ((n_prelude + n_coda) · H + n_core · n_slots · H_core) elements.
-
-Iterations a token skipped (adaptive exit, or a forward at a depth below the cache's `max_steps`): a token
-that ran d iterations serves, for every iteration j ≥ d, the K/V of its last computed iteration d − 1, as if
-its state had stopped moving. The slots are filled accordingly (`LayerKV.keep` during the loop, then
-`KVCache.fill_skipped`), so with `full` a later token at iteration i sees iteration min(i, d − 1).
-"""
+"""Preallocated KV cache for a looped model. Iteration i uses core slot `i mod n_slots`: a new token at iteration i sees
+an earlier token's K/V of its iteration i (`full`: max_steps slots, exactly the full forward), of its latest iteration
+j ≡ i (mod k) below max_steps (`budget:k`) or of its last (`last`); a chunk's tokens see each other's current iteration.
+A token that ran d iterations (exit, or depth < max_steps) serves iteration d − 1 to all later ones, as if its state had
+stopped (`full`: a later token at iteration i sees min(i, d − 1)). Measurements: docs/inference-efficiency.md."""
 
 from __future__ import annotations
 
 import copy as _copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .config import ParcaeConfig
+from .config import ParcaeConfig
 
 POLICIES = ("full", "budget:K", "last")
 
@@ -59,22 +32,16 @@ class KVPolicy:
         if text in ("full", "last"):
             return cls(text)
         kind, _, value = text.partition(":")
-        if kind == "budget":
-            try:
-                budget = int(value)
-            except ValueError:
-                budget = None
-            if budget is None or budget < 1:
-                raise ValueError(f"KV policy {spec!r} needs a positive slot count, e.g. budget:2.")
-            return cls("budget", budget)
-        raise ValueError(f"unknown KV policy {spec!r}; choose one of {', '.join(POLICIES)}.")
+        if kind != "budget":
+            raise ValueError(f"unknown KV policy {spec!r}; choose one of {', '.join(POLICIES)}.")
+        if not value.strip().isdecimal() or int(value) < 1:
+            raise ValueError(f"KV policy {spec!r} needs a positive slot count, e.g. budget:2.")
+        return cls("budget", int(value))
 
     def num_slots(self, max_steps: int) -> int:
-        if self.name == "full":
-            return max_steps
-        if self.name == "last":
-            return 1
-        return min(self.budget, max_steps)
+        if self.name == "budget":
+            return min(self.budget, max_steps)
+        return max_steps if self.name == "full" else 1
 
     def __str__(self) -> str:
         return f"budget:{self.budget}" if self.name == "budget" else self.name
@@ -92,45 +59,30 @@ class Chunk:
     real: Tensor | None  # [B, n] bool, False at padding; None without padding
 
 
+@dataclass(slots=True)
 class LayerKV:
-    """One layer's cache slot for one forward: `Attention.forward` hands its new K/V to `update`.
+    """A layer's slot in one forward (`Attention` calls `update`); tokens False in `keep` [B, n] re-serve `previous`."""
 
-    `keep` [B, n] (adaptive exit): tokens with False are frozen and re-serve `previous` (the slot of the
-    iteration before) instead of their newly computed K/V.
-    """
-
-    __slots__ = ("attn_mask", "end", "is_causal", "keep", "keys", "previous", "start", "values")
-
-    def __init__(
-        self,
-        keys: Tensor,
-        values: Tensor,
-        chunk: Chunk,
-        keep: Tensor | None = None,
-        previous: tuple[Tensor, Tensor] | None = None,
-    ) -> None:
-        self.keys, self.values = keys, values  # [B, H, capacity, D]
-        self.start, self.end = chunk.start, chunk.end
-        self.attn_mask, self.is_causal = chunk.attn_mask, chunk.is_causal
-        self.keep, self.previous = keep, previous
+    keys: Tensor  # [B, H, capacity, D]
+    values: Tensor
+    chunk: Chunk
+    keep: Tensor | None = None
+    previous: tuple[Tensor, Tensor] | None = None
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the chunk's k, v [B, H, n, D]; return all cached keys/values [B, H, end, D] (views)."""
+        start, end = self.chunk.start, self.chunk.end
         if self.keep is not None and self.previous is not None:
             keep = self.keep[:, None, :, None]
-            k = torch.where(keep, k, self.previous[0][:, :, self.start : self.end])
-            v = torch.where(keep, v, self.previous[1][:, :, self.start : self.end])
-        self.keys[:, :, self.start : self.end] = k
-        self.values[:, :, self.start : self.end] = v
-        return self.keys[:, :, : self.end], self.values[:, :, : self.end]
+            k = torch.where(keep, k, self.previous[0][:, :, start:end])
+            v = torch.where(keep, v, self.previous[1][:, :, start:end])
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class KVCache:
-    """Keys and values of every layer (and core iteration slot) for a batch of `capacity` columns.
-
-    Use: `model.new_cache(...)`, then `model.forward_cached(ids, cache)` for the prompt (one forward, with
-    `attention_mask` for a left-padded batch) and for each new token. `length` counts filled columns.
-    """
+    """K/V of every layer and core slot for `capacity` columns, `length` filled (make one with `Parcae.new_cache`)."""
 
     def __init__(
         self,
@@ -143,27 +95,21 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
+        cfg = self.config = config
         self.policy = KVPolicy.parse(policy)
         if batch_size < 1 or capacity < 1:
             raise ValueError(f"a KV cache needs a positive batch size and capacity, got {batch_size}, {capacity}.")
-        if capacity > config.max_seq_len:
-            raise ValueError(
-                f"{capacity} tokens exceed the model's context (max_seq_len {config.max_seq_len}): "
-                "shorten the prompt or generate fewer tokens."
-            )
-        self.config = config
+        if capacity > cfg.max_seq_len:
+            raise ValueError(f"{capacity} tokens exceed the model's context (max_seq_len {cfg.max_seq_len}).")
         self.batch_size, self.capacity = batch_size, capacity
-        self.max_steps = (max_steps or config.mean_recurrence) if config.is_looped else 0
-        if config.is_looped and self.max_steps < 1:
+        self.max_steps = (max_steps or cfg.mean_recurrence) if cfg.is_looped else 0
+        if cfg.is_looped and self.max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
-        self.num_slots = self.policy.num_slots(self.max_steps) if config.is_looped else 0
-        zeros = dict(device=device, dtype=dtype)
-        self.outer = torch.zeros(
-            config.n_prelude + config.n_coda, 2, batch_size, config.n_kv_heads, capacity, config.head_dim, **zeros
-        )
-        self.core = torch.zeros(
-            self.num_slots, config.n_core, 2, batch_size, config.core_kv_heads, capacity, config.head_dim, **zeros
-        )
+        self.num_slots = self.policy.num_slots(self.max_steps) if cfg.is_looped else 0
+        column = (capacity, cfg.head_dim)  # [capacity, D] per head
+        kv = dict(device=device, dtype=dtype)  # outer: a slot per prelude and coda layer; core: n_slots per core layer
+        self.outer = torch.zeros(cfg.n_prelude + cfg.n_coda, 2, batch_size, cfg.n_kv_heads, *column, **kv)
+        self.core = torch.zeros(self.num_slots, cfg.n_core, 2, batch_size, cfg.core_kv_heads, *column, **kv)
         self._make_views()
         self.length = 0
         self.padding: Tensor | None = None  # [B] left-padding columns per row, set by the first chunk
@@ -175,54 +121,43 @@ class KVCache:
         self._core_views = [[(layer[0], layer[1]) for layer in slot] for slot in self.core]
 
     def nbytes(self) -> int:
-        """Bytes held by the cache's tensors (all preallocated)."""
         return sum(t.numel() * t.element_size() for t in (self.outer, self.core))
 
     def bytes_per_token(self) -> float:
         """KV bytes per cached column of one row (independent of capacity and batch)."""
         return self.nbytes() / (self.capacity * self.batch_size)
 
-    # ------------------------------------------------------------------ one forward
     def begin(self, n: int, attention_mask: Tensor | None = None) -> Chunk:
-        """Reserve columns for a chunk of n tokens; `attention_mask` [B, n] (1 = token, 0 = left padding)
-        is accepted only for the first chunk."""
+        """Reserve columns for n tokens; `attention_mask` [B, n] (1 = token, 0 = left padding): first chunk only."""
         start, end = self.length, self.length + n
         if end > self.capacity:
             raise ValueError(f"the KV cache holds {self.capacity} tokens; {self.length} are used, {n} more do not fit.")
-        if attention_mask is not None:
-            self._set_padding(attention_mask, n)
         device = self.outer.device
+        if attention_mask is not None:
+            if self.length:
+                raise ValueError("attention_mask is only accepted with the first chunk (the prompt).")
+            given = torch.as_tensor(attention_mask, device=device).bool()
+            if given.shape != (self.batch_size, n):
+                raise ValueError(f"attention_mask must have shape {(self.batch_size, n)}, got {tuple(given.shape)}.")
+            padding = n - given.sum(1)
+            expected = torch.arange(n, device=device)[None, :] >= padding[:, None]
+            if bool((padding == n).any()) or not torch.equal(given, expected):
+                raise ValueError("attention_mask must describe left padding (0 … 0 1 … 1) with a token in every row.")
+            self.padding = padding if bool((padding > 0).any()) else None
         positions = real = mask = None
-        is_causal = start == 0 and n > 1
-        if self.padding is not None:
+        is_causal = start == 0 and n > 1 and self.padding is None  # SDPA's own mask aligns top-left: no cached columns
+        if self.padding is not None or (start > 0 and n > 1):
             columns = torch.arange(start, end, device=device)
+            keys = torch.arange(end, device=device)
+            mask = (keys[None, :] <= columns[:, None])[None, None]  # [1, 1, n, end]
+        if self.padding is not None:
             positions = (columns[None, :] - self.padding[:, None]).clamp(min=0)
             real = columns[None, :] >= self.padding[:, None]
-            keys = torch.arange(end, device=device)
-            causal = keys[None, :] <= columns[:, None]  # [n, end]
-            visible = keys[None, None, :] >= self.padding[:, None, None]  # [B, 1, end]
+            visible = keys >= self.padding[:, None, None, None]  # [B, 1, 1, end]
             # A padding query sees only itself: a fully masked row would give NaN in SDPA.
-            mask = (causal & (visible | (keys[None, :] == columns[:, None]))).unsqueeze(1)
-            is_causal = False
-        elif start > 0 and n > 1:  # SDPA's is_causal aligns top-left, wrong with cached columns before the chunk
-            keys = torch.arange(end, device=device)
-            mask = (keys[None, :] <= torch.arange(start, end, device=device)[:, None])[None, None]
+            mask = mask & (visible | (keys[None, :] == columns[:, None]))
         self._chunk = Chunk(start, end, positions, mask, is_causal, real)
         return self._chunk
-
-    def _set_padding(self, attention_mask: Tensor, n: int) -> None:
-        if self.length:
-            raise ValueError("attention_mask is only accepted with the first chunk (the prompt).")
-        mask = torch.as_tensor(attention_mask, device=self.outer.device)
-        if mask.shape != (self.batch_size, n):
-            raise ValueError(f"attention_mask must have shape {(self.batch_size, n)}, got {tuple(mask.shape)}.")
-        mask = mask.bool()
-        counts = mask.sum(1)
-        padding = n - counts
-        expected = torch.arange(n, device=mask.device)[None, :] >= padding[:, None]
-        if bool((counts == 0).any()) or not torch.equal(mask, expected):
-            raise ValueError("attention_mask must describe left padding (0 … 0 1 … 1) with a token in every row.")
-        self.padding = padding if bool((padding > 0).any()) else None
 
     def commit(self) -> None:
         """The chunk's columns are final: later forwards attend to them."""
@@ -231,13 +166,7 @@ class KVCache:
             self._chunk = None
 
     def select_rows(self, index: Tensor | list[int]) -> KVCache:
-        """A new cache whose row i is a copy of row `index[i]` of this one (rows may repeat), with the same
-        capacity, policy, filled columns and left padding.
-
-        Prefix sharing: a prompt is cached once per distinct prompt (with room for what follows), then copied to
-        one row per continuation, and each row goes on independently. One gather copies the whole capacity:
-        cheaper than filling a fresh cache and copying the filled columns into it.
-        """
+        """A new cache whose row i copies row `index[i]` (rows may repeat): a cached prompt, a row per continuation."""
         if self._chunk is not None:
             raise RuntimeError("commit the current chunk before copying cache rows.")
         index = torch.as_tensor(index, dtype=torch.long, device=self.outer.device)
@@ -254,7 +183,6 @@ class KVCache:
         copy.padding = padding if padding is not None and bool(padding.any()) else None
         return copy
 
-    # ------------------------------------------------------------------ slots
     def outer_layer(self, index: int) -> LayerKV:
         """Prelude layer i (index i) or coda layer j (index n_prelude + j)."""
         keys, values = self._outer_views[index]
@@ -271,14 +199,12 @@ class KVCache:
         return steps
 
     def fill_skipped(self, done: int) -> None:
-        """After a chunk ran `done` < max_steps iterations: iterations done … max_steps − 1 re-serve the K/V
-        of iteration done − 1 (the module docstring's rule for skipped iterations)."""
+        """After a chunk ran `done` < max_steps iterations: iterations done … max_steps − 1 re-serve done − 1."""
         chunk = self._current()
         source = (done - 1) % self.num_slots
         targets = {j % self.num_slots for j in range(done, self.max_steps)} - {source}
-        columns = slice(chunk.start, chunk.end)
         for target in sorted(targets):  # at most n_slots − 1 copies of the chunk's columns
-            self.core[target, :, :, :, :, columns] = self.core[source, :, :, :, :, columns]
+            self.core[target, ..., chunk.start : chunk.end, :] = self.core[source, ..., chunk.start : chunk.end, :]
 
     def _current(self) -> Chunk:
         if self._chunk is None:
@@ -288,9 +214,8 @@ class KVCache:
 
 @dataclass
 class CachedOutput:
-    """One cached forward: `logits` [B, n, V]; `iterations` [B, n] core iterations each token ran (0 for
-    padding and for a fixed-depth Transformer); `coda_passes` readout + coda + head runs over the chunk
-    (1, or more with a probing exit criterion)."""
+    """One cached forward: `logits` [B, n, V]; `iterations` [B, n] core iterations per token (0 at padding and without
+    a loop); `coda_passes` readout + coda + head runs over the chunk (more than 1 with a probing exit criterion)."""
 
     logits: Tensor
     iterations: Tensor

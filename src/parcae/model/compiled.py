@@ -14,12 +14,8 @@ Parcae = torch.nn.Module
 
 
 def compile_loop(self: Parcae, backend: Any = "inductor", recompile_limit: int = 64) -> None:
-    """Compile for training (`--set compile=true`): one region per loop iteration (`step`: injection and every
-    core block), one before the loop, one after it; the loop, depth sampling and chunked head stay eager, as the
-    official code keeps its loop out of the graph. Rows are a dynamic dimension: a new active-row count reuses the
-    graphs (no grad, first grad step, later grad steps), nothing recompiles after warm-up. Caches run eagerly."""
-    import torch._dynamo
-
+    """Compile for training (`--set compile=true`): regions `step`, before and after the loop; the loop, sampling, head
+    and caches stay eager (as the official loop). Rows are dynamic: nothing recompiles after warm-up."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
     eager = {name: getattr(type(self), name) for name in ("loop_inputs", "step", "after_loop")}
     compiled = {name: torch.compile(method, backend=backend) for name, method in eager.items()}
@@ -52,10 +48,7 @@ def compile_loop(self: Parcae, backend: Any = "inductor", recompile_limit: int =
 
 
 def compile_blocks(self: Parcae, recompile_limit: int = 64) -> None:
-    """Each block alone under `torch.compile(dynamic=True)` (training uses `compile_loop`). The blocks share one
-    recompile limit (`Block.forward`): torch's 8 is too few for a looped model, so it is raised (official: 64)."""
-    import torch._dynamo
-
+    """Each block under `torch.compile(dynamic=True)`; their shared recompile limit is raised (torch 8, official 64)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
     for block in self.blocks():
         block.compile(dynamic=True)

@@ -1,20 +1,9 @@
-"""Adaptive per-token exit: stop iterating a token once its prediction (or its state) has settled.
-
-A criterion is checked for every token after each loop iteration; a token stops after the first iteration
-count c ≥ `min_steps` at which it holds, and at `max_steps` at the latest (the forward's depth T when not
-given). Spec strings: `KIND:VALUE[,min=N][,max=N]`, e.g. `kl:5e-4`, `latent:0.02,min=2`, `argmax:3,max=16`.
-
-| kind       | holds after iteration c when …                          | readout + coda + head ("probes")  |
-|------------|---------------------------------------------------------|-----------------------------------|
-| `kl:ε`     | KL(p_c ‖ p_{c−1}) < ε nats, p = next-token distribution | after each iteration c ≥ m − 1    |
-| `latent:ε` | ‖h_c − h_{c−1}‖₂ / ‖h_c‖₂ < ε                           | none (the coda runs once, at end) |
-| `argmax:k` | argmax p was the same after the last k iterations       | after each iteration c ≥ m − k + 1 |
-(m = min_steps; probes start at iteration 1 at the earliest.)
-
-The extra readout/coda/head passes ("probes") are what `kl` and `argmax` cost; their last probe is reused as
-the forward's logits, so no pass is wasted. What a token that stopped contributes to later tokens' attention
-is defined in `parcae.model.cache` (it re-serves the K/V of its last computed iteration).
-"""
+"""Adaptive per-token exit: a token stops after the first iteration count c ≥ m = `min_steps` at which its criterion
+holds, at `max_steps` (default: the depth T) at the latest. Specs `KIND:VALUE[,min=N][,max=N]`, e.g. `argmax:3,max=16`:
+* `kl:ε`: KL(p_c ‖ p_{c−1}) < ε nats (p: the next-token distribution); probes after each iteration c ≥ m − 1;
+* `latent:ε`: ‖h_c − h_{c−1}‖₂ / ‖h_c‖₂ < ε; no probes (the coda runs once, at the end);
+* `argmax:k`: argmax p was the same after the last k iterations; probes after each iteration c ≥ m − k + 1.
+A probe (readout + coda + head, from iteration 1 on) is what `kl` and `argmax` cost; the last gives the output."""
 
 from __future__ import annotations
 
@@ -39,10 +28,9 @@ class ExitCriterion:
     def __post_init__(self) -> None:
         if self.kind not in EXIT_KINDS:
             raise ValueError(f"unknown exit criterion {self.kind!r}; choose one of kl:EPS, latent:EPS, argmax:K.")
-        if self.kind == "argmax":
-            if self.threshold != int(self.threshold) or self.threshold < 1:
-                raise ValueError(f"argmax exit needs a positive integer count, got {self.threshold!r}.")
-        elif not self.threshold > 0:
+        if self.kind == "argmax" and (self.threshold != int(self.threshold) or self.threshold < 1):
+            raise ValueError(f"argmax exit needs a positive integer count, got {self.threshold!r}.")
+        if not self.threshold > 0:
             raise ValueError(f"{self.kind} exit needs a positive threshold, got {self.threshold!r}.")
         if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 1:
             raise ValueError(f"min_steps must be a positive integer, got {self.min_steps!r}.")
@@ -51,7 +39,6 @@ class ExitCriterion:
 
     @classmethod
     def parse(cls, spec: str | ExitCriterion) -> ExitCriterion:
-        """`kl:5e-4`, `latent:0.02,min=2`, `argmax:3,min=2,max=16` (or an ExitCriterion, returned as is)."""
         if isinstance(spec, ExitCriterion):
             return spec
         head, *options = [part.strip() for part in str(spec).split(",")]
@@ -77,15 +64,6 @@ class ExitCriterion:
         options += "" if self.max_steps is None else f",max={self.max_steps}"
         return f"{self.kind}:{value}{options}"
 
-    @property
-    def probe_from(self) -> int | None:
-        """First iteration count after which the next-token logits are needed (None: never)."""
-        if self.kind == "kl":
-            return max(1, self.min_steps - 1)
-        if self.kind == "argmax":
-            return max(1, self.min_steps - int(self.threshold) + 1)
-        return None
-
     def tracker(self, shape: tuple[int, ...], device: torch.device) -> ExitTracker:
         return ExitTracker(self, shape, device)
 
@@ -100,16 +78,17 @@ class ExitTracker:
         self._run = torch.zeros(shape, dtype=torch.long, device=device)
 
     def wants_logits(self, count: int) -> bool:
-        start = self.criterion.probe_from
-        return start is not None and count >= start
+        """Whether iteration `count` needs the next-token logits (a probe); `latent` never does."""
+        crit = self.criterion
+        lookback = 2 if crit.kind == "kl" else int(crit.threshold)  # the probes one check compares
+        return crit.kind != "latent" and count >= max(1, crit.min_steps - lookback + 1)
 
     def update(self, count: int, h_prev: Tensor, h: Tensor, logits: Tensor | None) -> Tensor:
         """Record iteration `count` (1-based); returns the sticky [B, n] mask of tokens that stopped."""
         crit = self.criterion
         met: Tensor | None = None
         if crit.kind == "latent":
-            delta = (h - h_prev).float().norm(dim=-1)
-            met = delta < crit.threshold * h.float().norm(dim=-1)
+            met = (h - h_prev).float().norm(dim=-1) < crit.threshold * h.float().norm(dim=-1)
         elif logits is not None:
             if crit.kind == "kl":
                 logp = F.log_softmax(logits.float(), dim=-1)

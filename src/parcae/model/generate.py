@@ -1,31 +1,22 @@
-"""Generation with a KV cache at any depth: sampling, batching with left padding, streaming, adaptive exit.
-
-`generate` runs the prompt in one cached forward (prefill), then one cached forward per new token (decode),
-each at depth `num_steps` (or up to it, with an exit criterion), sampling from the last position's logits.
-`Parcae.generate` is the same function as a method. `stream=True` returns a `GenerationStream`: an iterator
-of `GenerationStep`s whose `output` (a `GenerationOutput`, with the statistics) is set once it is exhausted.
-"""
+"""`generate` (also `Parcae.generate`): KV-cached sampling at any depth, left-padded batches, streaming, early exit."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from .cache import CachedOutput, KVCache, KVPolicy
+from .config import ParcaeConfig
 from .exit import ExitCriterion
-
-if TYPE_CHECKING:
-    from .config import ParcaeConfig
 
 
 class CachedModel(Protocol):
-    """What generation uses of `Parcae` (structural, so this module need not import the model class, which
-    imports it for `Parcae.generate`)."""
+    """What generation uses of `Parcae` (structural: the model module imports this one for `Parcae.generate`)."""
 
     config: ParcaeConfig
 
@@ -38,8 +29,7 @@ class CachedModel(Protocol):
 
 @dataclass
 class GenerationStep:
-    """One decode step of a stream: the new token per row ([B]; `pad_id` for rows that had already stopped),
-    the core iterations that produced it ([B]), and which rows have stopped (with this token included)."""
+    """One decode step, per row [B]: the new token (`pad_id` after a stop), its core iterations, whether it stopped."""
 
     index: int
     tokens: Tensor
@@ -73,8 +63,7 @@ class GenerationOutput:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        rows = self.tokens.shape[0]
-        return rows * self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        return self.tokens.shape[0] * self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     @property
     def decode_ms_per_step(self) -> float:
@@ -98,21 +87,15 @@ class GenerationStream:
 
     def __init__(self, steps: Iterator[GenerationStep]) -> None:
         self._steps = steps
-        self.output: GenerationOutput | None = None
+        self.output: GenerationOutput | None = None  # set by the `steps` generator when it ends
 
     def __iter__(self) -> GenerationStream:
         return self
 
     def __next__(self) -> GenerationStep:
-        try:
-            return next(self._steps)
-        except StopIteration as stop:
-            if self.output is None:  # an exhausted generator raises again with no value
-                self.output = stop.value
-            raise
+        return next(self._steps)
 
     def finish(self) -> GenerationOutput:
-        """Run to the end; return the output."""
         for _ in self:
             pass
         assert self.output is not None
@@ -120,17 +103,9 @@ class GenerationStream:
 
 
 def sample_next(
-    logits: Tensor,
-    temperature: float,
-    top_k: int | None,
-    generator: torch.Generator | None,
-    top_p: float | None = None,
+    logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None, top_p: float | None = None
 ) -> Tensor:
-    """Next token ids [B] from last-position logits [B, V]; temperature 0 is greedy (argmax).
-
-    `top_k` keeps the k most likely ids, `top_p` the smallest set of most likely ids whose probability
-    reaches p (nucleus); both apply after the temperature.
-    """
+    """Next ids [B] from logits [B, V]: argmax at temperature 0, else sampled after the top_k and nucleus top_p cuts."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -143,8 +118,7 @@ def sample_next(
         # Drop an id when the ids ranked above it already reach p (the most likely id always stays).
         drop = (probs.cumsum(-1) - probs) >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def generate(
@@ -166,17 +140,10 @@ def generate(
     pad_id: int = 0,
     state_seed: int = 0,
 ) -> GenerationOutput | GenerationStream:
-    """Sample up to `max_new_tokens` tokens per row after the prompt(s), with a KV cache.
-
-    input_ids: [B, L] (left-padded, with `attention_mask` [B, L], 1 = token) or a list of token-id lists,
-    which is left-padded with `pad_id`. num_steps: depth T (default μ_rec); with `exit` (`kl:ε`,
-    `latent:ε`, `argmax:k`, optionally `,min=N,max=N`; see `parcae.model.exit`) the maximum depth.
-    kv_policy: `full`, `budget:k` or `last` (see `parcae.model.cache`). temperature 0 is greedy.
-    stop: id(s) that end a row (included in its output). vocab_limit: ids ≥ it are never sampled (a model's
-    vocabulary is often padded beyond its tokenizer's). seed: the sampling RNG (None: torch's global RNG).
-    state_seed: the h₀ seed (the eval forward's default is 0). Returns a `GenerationOutput`, or with
-    `stream=True` a `GenerationStream` that yields a `GenerationStep` per token.
-    """
+    """Sample up to `max_new_tokens` per row after the prompt(s), [B, L] ids (left-padded: with `attention_mask`, 1 =
+    token) or id lists (left-padded with `pad_id`). num_steps: depth T (default μ_rec; with `exit`, the most); stop:
+    id(s) ending a row (kept); vocab_limit: ids ≥ it are never sampled; seed: sampling RNG (None: torch's global);
+    state_seed: the h₀ seed. `stream=True` returns a `GenerationStream` of `GenerationStep`s instead."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer ≥ 0, got {max_new_tokens!r}.")
     if temperature < 0:
@@ -194,33 +161,24 @@ def generate(
     device = next(model.parameters()).device
     ids, mask = _prompt_batch(input_ids, attention_mask, pad_id, device)
     batch, prompt_len = ids.shape
-    if prompt_len > cfg.max_seq_len:
+    room = cfg.max_seq_len - prompt_len
+    if room < 0:
         raise ValueError(f"the prompt ({prompt_len} tokens) is longer than the context ({cfg.max_seq_len} tokens).")
-    if prompt_len + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
-            f"{prompt_len} prompt tokens + {max_new_tokens} new tokens exceed the context (max_seq_len "
-            f"{cfg.max_seq_len}); generate at most {cfg.max_seq_len - prompt_len} tokens."
-        )
+    if max_new_tokens > room:
+        raise ValueError(f"{max_new_tokens} new tokens exceed the context: at most {room} tokens fit after the prompt.")
     model._check_inputs(ids, None)  # token ids in range: fail now, not at a stream's first step
     stops = torch.tensor([stop] if isinstance(stop, int) else list(stop or []), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    def sample(logits: Tensor) -> Tensor:
-        if vocab_limit is not None:
-            logits = logits.clone()
-            logits[:, vocab_limit:] = float("-inf")
-        return sample_next(logits, temperature, top_k, generator, top_p)
-
     def steps() -> Iterator[GenerationStep]:
-        # Capacity: the last new token is sampled, never fed back.
-        capacity = prompt_len + max(max_new_tokens - 1, 0)
+        capacity = prompt_len + max(max_new_tokens - 1, 0)  # the last new token is sampled, never fed back
         cache = model.new_cache(batch, capacity, kv_policy=policy, max_steps=depth or None)
         forward = {"num_steps": depth or None, "exit": criterion, "state_seed": state_seed}
         tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
         iterations = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
-        coda_passes, prefill_seconds, decode_seconds, count = 0, 0.0, 0.0, 0
+        coda_passes, seconds = 0, []  # seconds per forward: the prefill, then each decode step
         prompt_iterations = torch.zeros(batch, prompt_len, dtype=torch.long, device=device)
         for index in range(max_new_tokens):
             started = time.perf_counter()
@@ -229,25 +187,28 @@ def generate(
                 prompt_iterations = out.iterations
             else:
                 out = model.forward_cached(tokens[:, index - 1 : index], cache, **forward)
-            new, used = _pick(sample, out, finished, pad_id)
+            with torch.inference_mode():  # sampling needs no autograd, as the cached forward
+                logits = out.logits[:, -1]
+                if vocab_limit is not None:
+                    logits = logits.clone()
+                    logits[:, vocab_limit:] = float("-inf")
+                new = sample_next(logits, temperature, top_k, generator, top_p)
+                new = torch.where(finished, torch.full_like(new, pad_id), new)  # stopped rows: pad_id, 0 iterations
+                used = torch.where(finished, torch.zeros_like(new), out.iterations[:, -1])
             tokens[:, index], iterations[:, index] = new, used
             newly = ~finished & torch.isin(new, stops)
             lengths = torch.where(newly, index + 1, lengths)
             finished |= newly
             all_done = bool(finished.all())  # also synchronises the device before the clock is read
-            elapsed = time.perf_counter() - started
-            if index == 0:
-                prefill_seconds = elapsed
-            else:
-                decode_seconds += elapsed
+            seconds.append(time.perf_counter() - started)
             coda_passes += out.coda_passes
-            count = index + 1
             yield GenerationStep(index, new, used, finished.clone())
             if all_done:
                 break
+        count = len(seconds)
         tokens, iterations = tokens[:, :count], iterations[:, :count]
         kept = lengths.clamp(max=count).tolist()
-        return GenerationOutput(
+        generation.output = GenerationOutput(
             tokens=torch.cat([ids, tokens], dim=1),
             new_tokens=[row[:n] for row, n in zip(tokens.tolist(), kept, strict=True)],
             iterations=[row[:n] for row, n in zip(iterations.tolist(), kept, strict=True)],
@@ -257,25 +218,14 @@ def generate(
             kv_policy=str(policy),
             exit=str(criterion) if criterion is not None else None,
             cache_bytes=cache.nbytes(),
-            prefill_seconds=prefill_seconds,
-            decode_seconds=decode_seconds,
-            decode_steps=max(count - 1, 0),
+            prefill_seconds=seconds[0] if seconds else 0.0,
+            decode_seconds=sum(seconds[1:], 0.0),
+            decode_steps=len(seconds[1:]),
             coda_passes=coda_passes,
         )
 
     generation = GenerationStream(steps())
     return generation if stream else generation.finish()
-
-
-@torch.inference_mode()
-def _pick(
-    sample: Callable[[Tensor], Tensor], out: CachedOutput, finished: Tensor, pad_id: int
-) -> tuple[Tensor, Tensor]:
-    """Sample from the last position; rows that already stopped get `pad_id` and 0 iterations."""
-    new = sample(out.logits[:, -1])
-    new = torch.where(finished, torch.full_like(new, pad_id), new)
-    used = torch.where(finished, torch.zeros_like(new), out.iterations[:, -1])
-    return new, used
 
 
 def _prompt_batch(
@@ -286,8 +236,7 @@ def _prompt_batch(
         ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty: give at least one token (e.g. BOS) per row.")
-        mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=device)
-        return ids.to(device), mask
+        return ids.to(device), None if attention_mask is None else torch.as_tensor(attention_mask, device=device)
     if attention_mask is not None:
         raise ValueError("attention_mask goes with a [B, L] tensor of ids, not with token-id lists.")
     rows = [list(map(int, row)) for row in input_ids]

@@ -1,17 +1,4 @@
-"""Input injection: the linear part `Ā·h + B̄·e` of one loop step (paper §3, Table 1).
-
-Each injection splits its work into a loop-invariant part, computed once per forward by `prepare`
-(the *drive* B̄·e, one tensor per row so the loop can slice active rows, and a *shared* state
-operator), and the per-iteration `step(h, drive, shared)`.
-
-| injection      | Ā                              | B̄·e                              | ρ(Ā)          |
-|----------------|--------------------------------|----------------------------------|---------------|
-| `diagonal`     | exp(−Δ⊙a), a = exp(A_log)      | Δ ⊙ (B e)            (Euler)     | < 1           |
-| `diagonal-zoh` | exp(−Δ⊙a)                      | (1−e^{−Δa})/a ⊙ (B e) (exact ZOH) | < 1           |
-| `linear`       | W_h  (W = [W_h | W_e])         | W_e e                            | unconstrained |
-| `add`          | I                              | e                                | = 1           |
-Δ = softplus(dt_bias).
-"""
+"""Input injection `Ā·h + B̄·e` of one loop step (paper §3, Table 1): diagonal (Euler or exact ZOH), linear, additive."""
 
 from __future__ import annotations
 
@@ -31,26 +18,21 @@ def inverse_softplus(y: float) -> float:
 
 
 class Injection(nn.Module):
-    """Base class. Subclasses implement `prepare`, `step` and `spectral_radius`."""
+    """Interface: `prepare(e)` gives the loop invariants for the prelude output e [B, L, C]: the per-row *drive* B̄·e
+    [B, L, S] (sliceable by active rows) and a *shared* state operator; `step` Ā·h + B̄·e for the rows of h (drive
+    sliced alike) each iteration; `spectral_radius` ρ(Ā) (float64, detached)."""
 
-    def prepare(self, e: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Loop invariants for the prelude output e [B, L, C]: (drive [B, L, S], shared operator)."""
-        raise NotImplementedError
-
-    def step(self, h: Tensor, drive: Tensor, shared: Tensor | None) -> Tensor:
-        """Ā·h + B̄·e for the rows of h (drive already sliced to the same rows)."""
-        raise NotImplementedError
-
-    def spectral_radius(self) -> Tensor:
-        """ρ(Ā) as a float64 scalar (detached)."""
-        raise NotImplementedError
+    def prepare(self, e: Tensor) -> tuple[Tensor, Tensor | None]: ...
+    def step(self, h: Tensor, drive: Tensor, shared: Tensor | None) -> Tensor: ...
+    def spectral_radius(self) -> Tensor: ...
 
     def reset_parameters(self, std: float) -> None:
         """Paper init; `std` is the model's base σ."""
 
 
 class DiagonalInjection(Injection):
-    """Parcae's negative-diagonal A discretised with step Δ; B unconstrained (paper Eq. 3)."""
+    """Parcae's negative-diagonal A (paper Eq. 3): Ā = exp(−Δ⊙a) (ρ < 1), a = exp(A_log), Δ = softplus(dt_bias);
+    B̄·e = Δ ⊙ (B e) (Euler) or (1 − e^{−Δa})/a ⊙ (B e) (`diagonal-zoh`: exact ZOH); B unconstrained."""
 
     def __init__(self, d_state: int, d_model: int, exact_zoh: bool = False) -> None:
         super().__init__()
@@ -88,19 +70,14 @@ class DiagonalInjection(Injection):
     def reset_parameters(self, std: float) -> None:
         self.A_log.zero_()
         self.dt_bias.fill_(inverse_softplus(-math.log(INITIAL_DECAY)))
-        if self.B.is_meta:
-            return
         if self.B.shape[0] == self.B.shape[1]:
-            self.B.copy_(torch.eye(self.B.shape[0]))
-        else:
+            nn.init.eye_(self.B)
+        elif not self.B.is_meta:
             nn.init.orthogonal_(self.B)
 
 
 class LinearInjection(Injection):
-    """Concat-projection (Huginn / RDM adapter): W·[h; e], W = [W_h | W_e] of shape [S, S + C].
-
-    W_e·e is loop-invariant, so it is computed once; each step costs one S×S matmul.
-    """
+    """Concat-projection (Huginn / RDM adapter) W·[h; e], W = [W_h | W_e] [S, S + C]: Ā = W_h (ρ unconstrained)."""
 
     def __init__(self, d_state: int, d_model: int) -> None:
         super().__init__()
@@ -143,10 +120,8 @@ class AdditiveInjection(Injection):
 
 
 def build_injection(kind: str, d_state: int, d_model: int) -> Injection:
-    if kind == "diagonal":
-        return DiagonalInjection(d_state, d_model)
-    if kind == "diagonal-zoh":
-        return DiagonalInjection(d_state, d_model, exact_zoh=True)
+    if kind in ("diagonal", "diagonal-zoh"):
+        return DiagonalInjection(d_state, d_model, exact_zoh=kind == "diagonal-zoh")
     if kind == "linear":
         return LinearInjection(d_state, d_model)
     if kind == "add":

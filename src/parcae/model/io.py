@@ -23,8 +23,7 @@ class Pretrained(nn.Module):
     config: ParcaeConfig
     rotary: Rotary
 
-    def tie_weights(self) -> None:  # the model ties its head to its embedding
-        raise NotImplementedError
+    def tie_weights(self) -> None: ...  # the model ties its head to its embedding
 
     def _stored(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """The entries a file holds: all but a tied head, which is the embedding."""
@@ -63,12 +62,10 @@ class Pretrained(nn.Module):
         """Strictly load a state dict (tied head optional); ValueError naming any mismatched keys."""
         expected = {name: tuple(t.shape) for name, t in self._stored(self.state_dict()).items()}
         state = self._stored(state)
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        shared = sorted(set(expected) & set(state))
-        wrong = [f"{k} {tuple(state[k].shape)} ≠ {expected[k]}" for k in shared if tuple(state[k].shape) != expected[k]]
-        found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-        problems = [f"{what} {_summarise(names)}" for what, names in found if names]
+        found = {"missing": sorted(set(expected) - set(state)), "unexpected": sorted(set(state) - set(expected))}
+        shapes = {name: tuple(state[name].shape) for name in sorted(set(expected) & set(state))}
+        found["wrong shape"] = [f"{k} {shape} ≠ {expected[k]}" for k, shape in shapes.items() if shape != expected[k]]
+        problems = [f"{what} {_summarise(names)}" for what, names in found.items() if names]
         if problems:
             raise ValueError(f"weights do not match the {self.config.name} config: " + "; ".join(problems) + ".")
         if any(p.is_meta for p in self.parameters()):

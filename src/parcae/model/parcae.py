@@ -1,11 +1,5 @@
-"""The Parcae model: embed → prelude → prelude norm → loop (inject, core × T) → C → coda → norm → head.
-
-`n_core = 0` gives the fixed-depth Transformer with the same blocks (embed → prelude → coda → head).
-The loop is three methods, used by training, multi-depth evaluation, cached inference and the Jacobian
-diagnostics alike: `loop_inputs` (everything before the loop), `step` (one iteration, the update
-h ← Ā·h + B̄·e + R̄(h, e)) and `after_loop` (readout → coda → norm). `forward` drives `step` through the
-compacted loop of `recurrence.run_loop` (rows stop at their sampled depth).
-"""
+"""The Parcae model: embed → prelude → norm → loop (inject, core × T) → C → coda → norm → head (`n_core = 0`: fixed
+depth). Every path shares `loop_inputs`, `step` (h ← Ā·h + B̄·e + R̄(h, e)) and `after_loop` (readout → coda → norm)."""
 
 from __future__ import annotations
 
@@ -15,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cache import CachedOutput, KVCache, KVPolicy
 from .compiled import compile_blocks, compile_loop
@@ -24,21 +19,20 @@ from .generate import generate
 from .head import IGNORE_INDEX, linear_cross_entropy, mean_cross_entropy
 from .injection import build_injection
 from .io import Pretrained
-from .layers import Block, RMSNorm, Rotary, scaled_orthogonal_, without_cudnn_attention
-from .recurrence import DepthPlan, DepthSampler, LoopInputs, mix_seed, run_loop
+from .layers import Block, RMSNorm, Rotary, scaled_orthogonal_
+from .recurrence import DepthPlan, DepthSampler, LoopInputs, run_loop
 
 _STATE_SEED_SALT = 0x5EED  # keeps h₀'s seeded stream apart from the depth sampler's
+# Cached attention on CUDA avoids cuDNN's SDPA: it builds an execution plan for every new key length, i.e. every
+# decode step (≈ 5 ms of CPU per call on an H200, more than the whole step's GPU work). The CPU's choice is the same.
+_CACHED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
 class ParcaeOutput:
-    """`loss` (mean CE over labelled tokens), `logits` [B, L, V] and loop telemetry in `metrics`.
-
-    metrics (looped models): `rho_A` ρ(Ā); `state_norm` mean ‖h_T‖₂ per token; `recurrent_residual`
-    mean ‖h_T − h_{T−1}‖₂ per token; `mean_depth`; `sampled_core_passes` Σ_rows T_row;
-    `executed_core_passes` row-iterations actually computed. Tensors are detached 0-d tensors (no
-    device sync until read); pass counts are Python numbers.
-    """
+    """`loss` (mean CE over labelled tokens), `logits` [B, L, V] and, when looped, `metrics`: `rho_A` ρ(Ā), token means
+    `state_norm` ‖h_T‖₂ and `recurrent_residual` ‖h_T − h_{T−1}‖₂, `mean_depth`, `sampled_core_passes` Σ_rows T_row and
+    `executed_core_passes`; tensors are detached 0-d (no device sync until read), pass counts Python numbers."""
 
     loss: Tensor | None = None
     logits: Tensor | None = None
@@ -47,8 +41,7 @@ class ParcaeOutput:
 
 @dataclass
 class DepthOutput:
-    """One depth of `Parcae.iterate_depths`: the final-norm hidden state [B, L, d] (logits = `lm_head(hidden)`),
-    and for looped models the loop state h_t and h_{t−1}."""
+    """One depth of `Parcae.iterate_depths`: final-norm hidden [B, L, d] (logits: `lm_head(hidden)`), h_t, h_{t−1}."""
 
     depth: int
     hidden: Tensor
@@ -61,15 +54,10 @@ class Parcae(Pretrained):
         super().__init__()
         cfg = self.config = config
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        # Value-embedding tables, keyed by distinct-layer index (prelude 0.., core, coda); the core's
-        # tables serve every iteration, and their lookups are done once per forward.
-        self.value_embeds = nn.ModuleDict(
-            {
-                str(i): nn.Embedding(cfg.vocab_size, self._kv_width(i))
-                for i in range(cfg.n_layers)
-                if cfg.has_value_embedding(i)
-            }
-        )
+        # Value-embedding tables by distinct-layer index (prelude 0.., core, coda): the core's serve every iteration.
+        ve_layers = [i for i in range(cfg.n_layers) if cfg.has_value_embedding(i)]
+        widths = {i: (cfg.core_kv_heads if self._is_core(i) else cfg.n_kv_heads) * cfg.head_dim for i in ve_layers}
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(cfg.vocab_size, width) for i, width in widths.items()})
         self.prelude = nn.ModuleList(self._block(i) for i in range(cfg.n_prelude))
         if cfg.is_looped:
             self.prelude_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.prelude_norm else None
@@ -85,29 +73,11 @@ class Parcae(Pretrained):
         self.tie_weights()
         self.reset_parameters()
 
-    # ------------------------------------------------------------------ construction
     def _is_core(self, layer: int) -> bool:
         return self.config.n_prelude <= layer < self.config.n_prelude + self.config.n_core
 
-    def _kv_width(self, layer: int) -> int:
-        cfg = self.config
-        heads = cfg.core_kv_heads if self._is_core(layer) else cfg.n_kv_heads
-        return heads * cfg.head_dim
-
     def _block(self, layer: int) -> Block:
-        cfg = self.config
-        core = self._is_core(layer)
-        return Block(
-            cfg.d_state if core else cfg.d_model,
-            cfg.core_heads if core else cfg.n_heads,
-            cfg.core_kv_heads if core else cfg.n_kv_heads,
-            cfg.head_dim,
-            cfg.core_d_mlp if core else cfg.d_mlp,
-            mlp=cfg.mlp,
-            qk_norm=cfg.qk_norm,
-            value_gate=cfg.has_value_embedding(layer),
-            norm_eps=cfg.norm_eps,
-        )
+        return Block(self.config, core=self._is_core(layer), value_gate=self.config.has_value_embedding(layer))
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -135,23 +105,15 @@ class Parcae(Pretrained):
     compile_blocks = compile_blocks
 
     def blocks(self) -> list[Block]:
-        core = list(self.core) if self.config.is_looped else []
-        return [*self.prelude, *core, *self.coda]
+        return [*self.prelude, *(self.core if self.config.is_looped else ()), *self.coda]
 
-    # ------------------------------------------------------------------ the loop
     def loop_inputs(
         self, input_ids: Tensor, *, positions: int | Tensor = 0, cache: KVCache | None = None
     ) -> LoopInputs:
-        """Everything before the loop, once per forward: embed → prelude P → e = RMSNorm(P(x)) → B̄·e.
-
-        `positions`: the first position (int), or each token's position [B, L] (left-padded batches).
-        `cache`: the prelude's slots of a KV cache (inference). Token ids are not validated here (`forward` does).
-        """
+        """Everything before the loop, once per forward: embed → prelude P → e = RMSNorm(P(x)) → B̄·e (ids unchecked).
+        `positions`: the first position or each token's [B, L] (left padding); `cache`: its prelude slots are used."""
         cfg = self.config
-        if isinstance(positions, Tensor):
-            cos, sin = self.rotary.cos[positions], self.rotary.sin[positions]
-        else:
-            cos, sin = self.rotary.tables(input_ids.shape[1], positions)
+        cos, sin = self.rotary.tables(input_ids.shape[1], positions)
         value_embeds = {int(i): table(input_ids) for i, table in self.value_embeds.items()}
         x = self.embed(input_ids)
         for i, block in enumerate(self.prelude):
@@ -172,10 +134,8 @@ class Parcae(Pretrained):
         iteration: int = 0,
         keep: Tensor | None = None,
     ) -> Tensor:
-        """One loop iteration, h_{t+1} = Ā·h_t + B̄·e + R̄(h_t, e): the injection gives Ā·h + B̄·e, and the core
-        blocks (each residual) add R̄. `h` may hold any subset of rows, with `inputs` sliced alike
-        (`LoopInputs.rows`). With a cache, the core reads and writes the slots of `iteration` (`keep`: tokens
-        still iterating, whose keys and values are stored)."""
+        """h_{t+1} = Ā·h_t + B̄·e + R̄(h_t, e) for any subset of rows (`inputs` sliced alike, `LoopInputs.rows`); with a
+        cache, the core uses `iteration`'s slots, storing keys and values of the tokens still iterating (`keep`)."""
         y = self.injection.step(h, inputs.drive, inputs.decay)
         for j, block in enumerate(self.core):
             slot = cache.core_layer(j, iteration, keep=keep) if cache is not None else None
@@ -185,9 +145,8 @@ class Parcae(Pretrained):
     def after_loop(
         self, h: Tensor, inputs: LoopInputs, *, cache: KVCache | None = None, last_only: bool = False
     ) -> Tensor:
-        """Everything after the loop: readout C (looped models) → coda → final norm, the hidden state the LM head
-        reads. A fixed-depth model passes the prelude output. `last_only` keeps the last position (the coda still
-        runs on every position, so its keys and values are cached)."""
+        """Readout C (looped) → coda → final norm: the hidden state the head reads (fixed depth: of the prelude output).
+        `last_only` keeps the last position (the coda still runs, and caches, every position)."""
         cfg = self.config
         x = self.readout(h) if cfg.is_looped else h
         for j, block in enumerate(self.coda):
@@ -195,7 +154,6 @@ class Parcae(Pretrained):
             x = block(x, inputs.cos, inputs.sin, inputs.value_embeds.get(cfg.n_prelude + cfg.n_core + j), slot)
         return self.final_norm(x[:, -1:] if last_only else x)
 
-    # ------------------------------------------------------------------ forward
     def forward(
         self,
         input_ids: Tensor,
@@ -207,31 +165,24 @@ class Parcae(Pretrained):
         state_seed: int | None = None,
         return_logits: bool = True,
     ) -> ParcaeOutput:
-        """Run the model.
-
-        Depth: `depth_plan` if given; else `num_steps` (fixed; in training the last μ_bwd steps carry
-        gradient); else, in training, depths sampled per `config.depth_sampling` (seeded from
-        (seed, `step`, rank) when `step` is given); else (eval) `mean_recurrence`. Eval never samples.
-        h₀: seeded by `state_seed`; in eval it defaults to seed 0, so eval outputs are deterministic.
-        `return_logits=False` with labels skips materialising [B, L, V] logits (chunked loss).
-        """
-        cfg = self.config
+        """Depth: `depth_plan`; else `num_steps` (fixed; in training the last μ_bwd steps carry gradient); else, in
+        training, sampled per `config.depth_sampling` (from (seed, `step`, rank) when `step` is given); else (eval,
+        which never samples) `mean_recurrence`. h₀ is seeded by `state_seed` (eval default 0: deterministic).
+        `return_logits=False` with labels skips materialising [B, L, V] logits (chunked loss)."""
         batch, seq_len = self._check_inputs(input_ids, labels)
-        plan = self._depth_plan(batch, seq_len, num_steps, depth_plan, step) if cfg.is_looped else None
+        plan = self._depth_plan(batch, seq_len, num_steps, depth_plan, step) if self.config.is_looped else None
         inputs = self.loop_inputs(input_ids)
         x, metrics = inputs.x, {}
         if plan is not None:
-            h = self.initial_state(inputs.e, state_seed, step)
-            loop = run_loop(self.step, h, plan, inputs)
-            with torch.no_grad():
-                metrics = {
-                    "rho_A": self.injection.spectral_radius(),
-                    "state_norm": loop.state.detach().float().norm(dim=-1).mean(),
-                    "recurrent_residual": loop.residual,
-                    "mean_depth": loop.sampled_passes / batch,
-                    "sampled_core_passes": loop.sampled_passes,
-                    "executed_core_passes": loop.executed_passes,
-                }
+            loop = run_loop(self.step, self.initial_state(inputs.e, state_seed, step), plan, inputs)
+            metrics = {
+                "rho_A": self.injection.spectral_radius(),
+                "state_norm": loop.state.detach().float().norm(dim=-1).mean(),
+                "recurrent_residual": loop.residual,
+                "mean_depth": loop.sampled_passes / batch,
+                "sampled_core_passes": loop.sampled_passes,
+                "executed_core_passes": loop.executed_passes,
+            }
             x = loop.state
         x = self.after_loop(x, inputs)
         if labels is not None and not return_logits:
@@ -242,18 +193,13 @@ class Parcae(Pretrained):
 
     @torch.no_grad()
     def logits_by_depth(self, input_ids: Tensor, depths: Sequence[int], *, state_seed: int = 0) -> dict[int, Tensor]:
-        """Eval logits [B, L, V] at several test-time depths from ONE run of the loop (see `iterate_depths`).
-        Each entry equals `forward(input_ids, num_steps=t, state_seed=state_seed).logits` in eval."""
+        """Eval logits [B, L, V] by depth from ONE run of the loop (`iterate_depths`), each `forward(num_steps=t)`'s."""
         return {out.depth: self.lm_head(out.hidden) for out in self.iterate_depths(input_ids, depths, state_seed)}
 
     @torch.no_grad()
     def iterate_depths(self, input_ids: Tensor, depths: Sequence[int], state_seed: int = 0) -> Iterator[DepthOutput]:
-        """Eval outputs at each requested test-time depth, in increasing order, from one run of the loop.
-
-        The state after t iterations does not depend on how many follow, so the loop runs max(depths) times and
-        readout → coda → final norm runs after each requested iteration: Σ depths core passes become max(depths)
-        (depths 1 … 24: 300 → 24; 1, 2, 4, 8, 16: 31 → 16). A fixed-depth model yields its one output per depth.
-        """
+        """Eval outputs at each requested depth, increasing, from one run of the loop (h_t does not depend on later
+        iterations): Σ depths core passes become max(depths). A fixed-depth model yields its one output per depth."""
         wanted = sorted(set(depths))
         if not wanted or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in wanted):
             raise ValueError(f"depths must be positive integers, got {list(depths)!r}.")
@@ -271,7 +217,6 @@ class Parcae(Pretrained):
             if t in wanted:
                 yield DepthOutput(t, self.after_loop(h, inputs), state=h, previous_state=previous)
 
-    # ------------------------------------------------------------------ forward helpers
     def _check_inputs(self, input_ids: Tensor, labels: Tensor | None) -> tuple[int, int]:
         """Clear errors before any compute (one device sync for the value-range check)."""
         cfg = self.config
@@ -292,14 +237,11 @@ class Parcae(Pretrained):
             valid = labels[labels != IGNORE_INDEX]
             if valid.numel():
                 checks += [valid.min(), valid.max()]
-        low_id, high_id, *label_range = torch.stack(checks).tolist()
-        if low_id < 0 or high_id >= cfg.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got ids in [{low_id}, {high_id}].")
-        if label_range and (label_range[0] < 0 or label_range[1] >= cfg.vocab_size):
-            raise ValueError(
-                f"labels must lie in [0, {cfg.vocab_size}) or be {IGNORE_INDEX}, "
-                f"got labels in [{label_range[0]}, {label_range[1]}]."
-            )
+        ranges = torch.stack(checks).tolist()
+        if ranges[0] < 0 or ranges[1] >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got ids in {ranges[:2]}.")
+        if len(ranges) > 2 and (ranges[2] < 0 or ranges[3] >= cfg.vocab_size):
+            raise ValueError(f"labels must lie in [0, {cfg.vocab_size}) or be {IGNORE_INDEX}, got {ranges[2:]}.")
         return batch, seq_len
 
     def _depth_plan(
@@ -309,70 +251,46 @@ class Parcae(Pretrained):
             depth_plan.check(batch, seq_len)
             return depth_plan
         if num_steps is not None or not self.training:
-            depth = self.config.mean_recurrence if num_steps is None else num_steps
-            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-                raise ValueError(f"num_steps must be a positive integer, got {depth!r}.")
+            depth = self._inference_depth(num_steps)
             # Training truncates backprop to the last μ_bwd steps; eval leaves gradients to the caller.
-            grad_steps = self.config.backprop_depth if self.training else depth
-            return DepthPlan.fixed(batch, depth, grad_steps)
+            return DepthPlan.fixed(batch, depth, self.config.backprop_depth if self.training else depth)
         return self.depth_sampler.sample(batch, seq_len, step)
 
     def initial_state(self, e: Tensor, state_seed: int | None, step: int | None, positions: Tensor | int = 0) -> Tensor:
-        """h₀ for the prelude output e [B, L, ·].
-
-        Seeded (`state_seed`, or seed 0 in eval): one fixed vector per *position*, drawn from the seed alone
-        and shared by all rows, so a token's h₀ depends only on its position — a cached decode reproduces the
-        full forward, and a sequence's eval output never depends on its batch neighbours. `positions` is the
-        first position (int) or per-token positions [B, L] (left-padded batches). Training draws h₀ afresh
-        for every row, from (seed, `step`, rank), or from the global RNG without a step.
-        """
+        """h₀ for e [B, L, ·]. Seeded (`state_seed`, or 0 in eval): one vector per *position* (`positions`: the first,
+        or per token [B, L]), shared by all rows, so a cached decode reproduces the full forward and an eval output
+        never depends on batch neighbours. Training draws per row from (seed, `step`, rank), or the global RNG."""
         cfg = self.config
         shape = (*e.shape[:-1], cfg.d_state)
         if cfg.state_init == "zero":
             return torch.zeros(shape, dtype=e.dtype, device=e.device)
-        if state_seed is None and not self.training:
-            state_seed = 0
-        if state_seed is not None:
-            table = self._state_table(state_seed, e.device, e.dtype)
-            if isinstance(positions, Tensor):
-                return table[positions]
-            return table[positions : positions + shape[-2]].expand(shape).clone()
-        generator = None
-        if step is not None:
-            sampler = self.depth_sampler
-            seed = mix_seed(sampler.seed, step, 0 if sampler.lockstep else sampler.rank, _STATE_SEED_SALT)
-            generator = torch.Generator(device=e.device).manual_seed(seed)
-        return _random_state(torch.empty(shape, dtype=e.dtype, device=e.device), cfg, generator)
-
-    def _state_table(self, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """Seeded h₀ for positions 0 … max_seq_len − 1 [max_seq_len, S], drawn on the CPU (the same values on
-        every device) once per (seed, device, dtype)."""
-        key = (seed, device, dtype)
-        table = self._state_tables.get(key)
-        if table is None:
+        if state_seed is None and self.training:
+            generator = None if step is None else self.depth_sampler.generator(step, _STATE_SEED_SALT, e.device)
+            return _random_state(torch.empty(shape, dtype=e.dtype, device=e.device), cfg, generator)
+        seed = 0 if state_seed is None else state_seed
+        key = (seed, e.device, e.dtype)
+        if key not in self._state_tables:  # seeded h₀ [max_seq_len, S], drawn on the CPU: same values on any device
             with torch.inference_mode(False):  # a normal tensor, usable by later training-mode forwards
-                cpu = torch.empty(self.config.max_seq_len, self.config.d_state)
                 generator = torch.Generator().manual_seed(seed)
-                table = _random_state(cpu, self.config, generator).to(device=device, dtype=dtype)
+                table = _random_state(torch.empty(cfg.max_seq_len, cfg.d_state), cfg, generator).to(e.device, e.dtype)
             if len(self._state_tables) >= 8:
                 self._state_tables.clear()
             self._state_tables[key] = table
-        return table
+        table = self._state_tables[key]
+        if isinstance(positions, Tensor):
+            return table[positions]
+        return table[positions : positions + shape[-2]].expand(shape).clone()
 
-    # ------------------------------------------------------------------ cached inference
     def new_cache(
         self, batch_size: int, capacity: int, *, kv_policy: str | KVPolicy = "full", max_steps: int | None = None
     ) -> KVCache:
-        """An empty KV cache for `batch_size` rows of up to `capacity` tokens and up to `max_steps`
-        iterations (default μ_rec), on the model's device and in its dtype."""
+        """An empty KV cache in the model's device and dtype; `max_steps`: iterations it holds (default μ_rec)."""
         param = next(self.parameters())
-        return KVCache(
-            self.config, batch_size, capacity, policy=kv_policy, max_steps=max_steps, device=param.device,
-            dtype=param.dtype,
-        )  # fmt: skip
+        options = dict(policy=kv_policy, max_steps=max_steps, device=param.device, dtype=param.dtype)
+        return KVCache(self.config, batch_size, capacity, **options)
 
     @torch.inference_mode()
-    @without_cudnn_attention
+    @sdpa_kernel(_CACHED_SDPA)  # set once per cached forward, not per attention call
     def forward_cached(
         self,
         input_ids: Tensor,
@@ -384,16 +302,9 @@ class Parcae(Pretrained):
         state_seed: int = 0,
         last_logits_only: bool = False,
     ) -> CachedOutput:
-        """Inference over a chunk of new tokens [B, n] — the prompt in one forward, then one token per decode
-        step — reading and extending `cache`.
-
-        Each loop iteration runs the core layers once, with the cache's slot for that iteration. With the
-        `full` policy and no exit, the logits equal the full-sequence eval forward's (same `state_seed`) at
-        every position. Depth: `num_steps` (default μ_rec); with `exit`, up to that many iterations per token
-        (tokens that stopped are frozen while others continue). `attention_mask` [B, n], first chunk only:
-        0 marks left padding. `last_logits_only`: logits [B, 1, V] of the last position only (a prefill's next
-        token; every position still runs and is cached), sparing the vocabulary projection of the others.
-        """
+        """Inference over new tokens [B, n] (prompt, then decode steps), extending `cache`; `full` policy, no exit: the
+        eval forward's logits (same `state_seed`). Depth `num_steps` (default μ_rec), with `exit` the most per token
+        (then frozen). `attention_mask` [B, n] (first chunk): 0 = left padding. `last_logits_only`: [B, 1, V]."""
         cfg = self.config
         batch, n = self._check_inputs(input_ids, None)
         if batch != cache.batch_size:
@@ -410,12 +321,10 @@ class Parcae(Pretrained):
             h = self.initial_state(inputs.e, 0 if state_seed is None else state_seed, None, positions)
             tracker = exit.tracker((batch, n), input_ids.device) if exit is not None else None
             active: Tensor | None = None  # [B, n]: tokens still iterating; None = all
-            done = 0
-            while done < steps:
-                y = self.step(h, inputs, cache=cache, iteration=done, keep=active)
+            for done in range(1, steps + 1):
+                y = self.step(h, inputs, cache=cache, iteration=done - 1, keep=active)
                 h_prev, h = h, y if active is None else torch.where(active.unsqueeze(-1), y, h)
                 iterations += 1 if active is None else active
-                done += 1
                 if tracker is None:
                     continue
                 logits = None  # a probe after the last iteration doubles as the output
@@ -440,11 +349,11 @@ class Parcae(Pretrained):
         cache.commit()
         return CachedOutput(logits=logits, iterations=iterations, coda_passes=coda_passes)
 
-    def _inference_depth(self, num_steps: int | None, exit: ExitCriterion | None) -> int:
+    def _inference_depth(self, num_steps: int | None, exit: ExitCriterion | None = None) -> int:
         limit = exit.max_steps if exit is not None else None
         if num_steps is not None and limit is not None and num_steps != limit:
             raise ValueError(f"num_steps {num_steps} and the exit criterion's max_steps {limit} disagree.")
-        depth = limit or num_steps or self.config.mean_recurrence
+        depth = next((steps for steps in (num_steps, limit) if steps is not None), self.config.mean_recurrence)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"num_steps must be a positive integer, got {depth!r}.")
         if exit is not None and exit.min_steps > depth:
@@ -472,5 +381,4 @@ def _random_state(h: Tensor, cfg: ParcaeConfig, generator: torch.Generator | Non
 def count_params(cfg: ParcaeConfig) -> int:
     """Exact number of unique parameters (tied embeddings counted once), built on the meta device."""
     with torch.device("meta"):
-        model = Parcae(cfg)
-    return sum(p.numel() for p in model.parameters())
+        return Parcae(cfg).num_parameters()

@@ -1,20 +1,7 @@
-"""Depth plans and the loop: sampling T per sequence, truncated BPTT, compute ∝ sampled depth.
-
-Training samples a depth T per sequence (or per batch / token), T = max(1, Poisson(μ_rec)); the last
-k = min(T, μ_bwd) iterations run with gradients and the first n = T − k without (paper Alg. 4,
-official `poisson-truncated-full`). A `DepthPlan` holds (n, k) for every row.
-
-Execution. The update has no step-index input, so a row that needs fewer iterations can simply stop
-early. Rows are sorted by their step count (descending) so that the rows still iterating at step i are
-always a *prefix* of the batch: each iteration runs the core on `h[:m]` only (a view, no gather) and the
-loop costs Σ_rows T_row row-passes — what was sampled — instead of the official B·max_row T
-(every row runs to the batch's largest depth and is masked: ≈ 1.8× the sampled passes at μ 8 and 32 rows,
-`benchmarks/core_passes.py`). During the gradient phase, rows that are done are split off and concatenated
-back once at the end, so autograd never sees masked copies.
-
-Per-token depths cannot be compacted that way (frozen tokens still serve K/V to active ones); rows are
-still compacted by their largest token depth and tokens inside a row are frozen with `torch.where`.
-"""
+"""Depth plans and the loop: T = max(1, Poisson(μ_rec)) per sequence, batch or token; the last k = min(T, μ_bwd) steps
+with gradient (paper Alg. 4). Rows sorted by depth keep those still iterating a *prefix* `h[:m]`, so the loop costs the
+sampled Σ_rows T_row passes, not the official B·max T (≈ 1.8× more at μ 8, 32 rows: `benchmarks/core_passes.py`).
+Per-token depths run a row to its largest token depth, freezing finished tokens (`torch.where`) that still serve K/V."""
 
 from __future__ import annotations
 
@@ -36,8 +23,7 @@ def mix_seed(*parts: int) -> int:
     for part in parts:
         state = (state ^ (int(part) & _MASK64)) & _MASK64
         state = (state + 0x9E3779B97F4A7C15) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         state = z ^ (z >> 31)
     return state & ((1 << 63) - 1)
@@ -45,10 +31,7 @@ def mix_seed(*parts: int) -> int:
 
 @dataclass(frozen=True)
 class DepthPlan:
-    """Per-row (or per-token) iteration counts: n steps without gradient, then k steps with gradient.
-
-    Both are int64 CPU tensors of shape [B] (per-sequence, per-batch, fixed) or [B, L] (per-token).
-    """
+    """Iteration counts per row [B] or per token [B, L] (int64, CPU): n steps without gradient, then k with."""
 
     no_grad: Tensor
     grad: Tensor
@@ -73,17 +56,13 @@ class DepthPlan:
         """Every row runs `num_steps`, the last `grad_steps` of them with gradient."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
-        grad_steps = min(grad_steps, num_steps)
-        no_grad = torch.full((batch_size,), num_steps - grad_steps, dtype=torch.long)
-        return cls(no_grad=no_grad, grad=torch.full((batch_size,), grad_steps, dtype=torch.long))
+        return cls.from_depths(torch.full((batch_size,), num_steps), grad_steps)
 
     def check(self, batch_size: int, seq_len: int) -> None:
         shapes = {(batch_size,), (batch_size, seq_len)}
         if tuple(self.no_grad.shape) not in shapes or self.no_grad.shape != self.grad.shape:
-            raise ValueError(
-                f"depth plan shapes {tuple(self.no_grad.shape)} / {tuple(self.grad.shape)} do not fit a batch "
-                f"of {batch_size} sequences of length {seq_len} (expected [B] or [B, L])."
-            )
+            got = f"{tuple(self.no_grad.shape)} / {tuple(self.grad.shape)}"
+            raise ValueError(f"depth plan shapes {got} do not fit [B] or [B, L] (B = {batch_size}, L = {seq_len}).")
         if bool((self.no_grad < 0).any()) or bool((self.grad < 0).any()):
             raise ValueError("depth plan step counts must be non-negative.")
         if bool((self.total < 1).any()):
@@ -91,29 +70,22 @@ class DepthPlan:
 
 
 class DepthSampler:
-    """Samples training depth plans, reproducibly from (seed, step, rank).
-
-    `lockstep=True` drops the rank from the seed so every rank draws the same depths. With
-    `step=None` the global torch RNG is used instead (convenient in notebooks).
-    """
+    """Training depth plans from (seed, step, rank) (`lockstep`: without rank), or the global RNG with `step=None`."""
 
     def __init__(self, cfg: ParcaeConfig, seed: int = 0, rank: int = 0, lockstep: bool = False) -> None:
-        self.mode = cfg.depth_sampling
-        self.mean = cfg.mean_recurrence
-        self.backprop_depth = cfg.backprop_depth
+        self.mode, self.mean, self.backprop_depth = cfg.depth_sampling, cfg.mean_recurrence, cfg.backprop_depth
         self.seed, self.rank, self.lockstep = seed, rank, lockstep
 
-    def generator(self, step: int, salt: int = 0) -> torch.Generator:
+    def generator(self, step: int, salt: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
         rank = 0 if self.lockstep else self.rank
-        return torch.Generator().manual_seed(mix_seed(self.seed, step, rank, salt))
+        return torch.Generator(device=device).manual_seed(mix_seed(self.seed, step, rank, salt))
 
     def sample(self, batch_size: int, seq_len: int, step: int | None = None) -> DepthPlan:
         generator = None if step is None else self.generator(step)
         if self.mode == "fixed":
             return DepthPlan.fixed(batch_size, self.mean, self.backprop_depth)
         shape = {"per-sequence": (batch_size,), "per-batch": (1,), "per-token": (batch_size, seq_len)}[self.mode]
-        rates = torch.full(shape, float(self.mean))
-        depths = torch.poisson(rates, generator=generator).long().clamp(min=1)
+        depths = torch.poisson(torch.full(shape, float(self.mean)), generator=generator).long().clamp(min=1)
         if self.mode == "per-batch":
             depths = depths.expand(batch_size).clone()
         return DepthPlan.from_depths(depths, self.backprop_depth)
@@ -121,10 +93,8 @@ class DepthSampler:
 
 @dataclass
 class LoopInputs:
-    """What the loop reads, computed once per forward by `Parcae.loop_inputs`: the prelude output `x`, the RoPE
-    tables, the value-embedding lookups by layer, and for looped models e = RMSNorm(P(x)), the drive B̄·e
-    [B, L, S], the injection's state operator `decay` (Ā's diagonal, W_h, or None for `add`) and the core
-    blocks' value embeddings."""
+    """What the loop reads (`Parcae.loop_inputs`): prelude output, RoPE tables, value embeddings by layer and, when
+    looped, e = RMSNorm(P(x)), the drive B̄·e [B, L, S], `decay` (Ā's diagonal, W_h, None for `add`), core embeddings."""
 
     x: Tensor
     cos: Tensor
@@ -136,8 +106,7 @@ class LoopInputs:
     core_embeds: tuple[Tensor | None, ...] = ()
 
     def rows(self, index: slice | Tensor) -> LoopInputs:
-        """The per-row invariants of the loop (drive, core value embeddings) for a prefix or a reordering of the
-        rows: what the compacted loop hands `Parcae.step` with a subset of the states."""
+        """The per-row invariants (drive, core value embeddings) for a prefix or a reordering of the rows."""
 
         def pick(t: Tensor | None) -> Tensor | None:
             if t is None:
@@ -159,80 +128,46 @@ StepFn = Callable[[Tensor, LoopInputs], Tensor]  # step(h_rows, inputs_rows) -> 
 
 
 def run_loop(step: StepFn, h: Tensor, plan: DepthPlan, inputs: LoopInputs) -> LoopResult:
-    """Run the loop for every row as planned: n_row no-grad steps, then k_row steps with gradient.
-
-    `step` is `Parcae.step`; `inputs` is sliced along with h (`LoopInputs.rows`).
-    """
-    batch = h.shape[0]
-    if plan.per_token:
-        row_no_grad, row_grad = plan.no_grad.amax(1), plan.grad.amax(1)
-    else:
-        row_no_grad, row_grad = plan.no_grad, plan.grad
-    # One ordering that makes both phases' active rows a prefix whenever possible (always, for plans
-    # from `DepthPlan.from_depths`): by no-grad count, then grad count, both descending.
-    order = _descending_order(row_no_grad * (int(row_grad.max()) + 1) + row_grad)
-    state = _Rows(h, inputs, plan if plan.per_token else None)
-    state.permute(order)
-    residual = torch.zeros(batch, dtype=torch.float32, device=h.device)
-    executed = 0
-
-    # Phase 1: no gradient, in place on the prefix.
+    """Run the loop as planned: per row, n no-grad steps, then k with gradient (`step`: `Parcae.step`)."""
+    row_no_grad, row_grad = (plan.no_grad.amax(1), plan.grad.amax(1)) if plan.per_token else (plan.no_grad, plan.grad)
+    state = _Rows(h, inputs, (plan.no_grad.to(h.device), plan.grad.to(h.device)) if plan.per_token else None)
+    # By no-grad, then grad count, descending: both phases' active rows a prefix (always, for `from_depths` plans).
+    state.permute(torch.argsort(row_no_grad * (int(row_grad.max()) + 1) + row_grad, descending=True, stable=True))
     counts = row_no_grad[state.order].tolist()
-    with torch.no_grad():
+    with torch.no_grad():  # phase 1: no gradient, in place on the prefix
         state.h = state.h.clone() if state.h.requires_grad else state.h
         for i in range(counts[0] if counts else 0):
-            active = _count_above(counts, i)
-            new = state.advance(step, active, i, phase=0)
-            finishing = _count_above(counts, i + 1)
-            state.record_residual(residual, new, finishing, active)
-            state.h[:active] = new
-            executed += active
-
-    # Phase 2: with gradient (if autograd is on). Reorder only if the grad counts are not already sorted.
-    grad_counts = row_grad[state.order]
+            new = state.advance(step, counts, i, phase=0)
+            state.h[: new.shape[0]] = new
+    grad_counts = row_grad[state.order]  # phase 2: with gradient (if autograd is on), reordered only if unsorted
     if bool((grad_counts[1:] > grad_counts[:-1]).any()):
-        state.permute(_descending_order(grad_counts))
+        state.permute(torch.argsort(grad_counts, descending=True, stable=True))
         grad_counts = row_grad[state.order]
     counts = grad_counts.tolist()
-    done: list[Tensor] = []
-    live = state.h
+    done: list[Tensor] = []  # rows split off as they finish, so autograd never sees masked copies
     for j in range(counts[0] if counts else 0):
-        active = _count_above(counts, j)
-        if active < live.shape[0]:
-            done.append(live[active:])
-            live = live[:active]
-        state.h = live
-        new = state.advance(step, active, j, phase=1)
-        with torch.no_grad():
-            state.record_residual(residual, new, _count_above(counts, j + 1), active)
-        live = new
-        executed += active
-    done.append(live)
+        new = state.advance(step, counts, j, phase=1)
+        if new.shape[0] < state.h.shape[0]:
+            done.append(state.h[new.shape[0] :])
+        state.h = new
+    done.append(state.h)
     final = done[0] if len(done) == 1 else torch.cat(done[::-1], dim=0)
-
     sampled = float(plan.total.float().mean(1).sum()) if plan.per_token else float(plan.total.sum())
-    return LoopResult(
-        state=state.unpermute(final),
-        residual=state.unpermute(residual).mean(),
-        executed_passes=executed,
-        sampled_passes=sampled,
-    )
+    return LoopResult(state.unpermute(final), state.unpermute(state.residual).mean(), state.executed, sampled)
 
 
 class _Rows:
-    """The loop state and its invariants, kept in a row order where active rows form a prefix."""
+    """Loop state and invariants in a row order where active rows are a prefix, residuals, passes executed."""
 
-    def __init__(self, h: Tensor, inputs: LoopInputs, token_plan: DepthPlan | None) -> None:
-        self.h = h
-        self.inputs = inputs
+    def __init__(self, h: Tensor, inputs: LoopInputs, token_counts: tuple[Tensor, Tensor] | None) -> None:
+        self.h, self.inputs = h, inputs
+        self.token_counts = token_counts  # per-token (no-grad, grad) steps, [B, L] on h's device; None: per row
         self.order = torch.arange(h.shape[0])  # position → original row
-        self.token_plan = token_plan
-        self.token_counts: tuple[Tensor, Tensor] | None = None
-        if token_plan is not None:
-            self.token_counts = (token_plan.no_grad.to(h.device), token_plan.grad.to(h.device))
+        self.residual = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        self.executed = 0
 
     def permute(self, order: Tensor) -> None:
-        if bool((order == torch.arange(len(order))).all()):
+        if _is_identity(order):
             return
         index = order.to(self.h.device)
         self.h = self.h.index_select(0, index)
@@ -242,31 +177,26 @@ class _Rows:
         self.order = self.order[order]
 
     def unpermute(self, x: Tensor) -> Tensor:
-        if bool((self.order == torch.arange(len(self.order))).all()):
-            return x
-        inverse = torch.empty_like(self.order)
-        inverse[self.order] = torch.arange(len(self.order))
-        return x.index_select(0, inverse.to(x.device))
+        return x if _is_identity(self.order) else x.index_select(0, torch.argsort(self.order).to(x.device))
 
-    def advance(self, step: StepFn, active: int, iteration: int, phase: int) -> Tensor:
+    def advance(self, step: StepFn, counts: list[int], iteration: int, phase: int) -> Tensor:
+        """One iteration of a phase on the rows still iterating, the prefix where `counts` (descending) > iteration."""
+        active = _count_above(counts, iteration)
         current = self.h[:active]
         new = step(current, self.inputs.rows(slice(0, active)))
         if self.token_counts is not None:
-            still_iterating = (self.token_counts[phase][:active] > iteration).unsqueeze(-1)
-            new = torch.where(still_iterating, new, current)
+            new = torch.where((self.token_counts[phase][:active] > iteration).unsqueeze(-1), new, current)
+        finishing = _count_above(counts, iteration + 1)
+        if finishing < active:  # rows taking their last step of the phase: ‖h_T − h_{T−1}‖, token mean
+            with torch.no_grad():
+                delta = (new[finishing:active] - current[finishing:active]).float()
+                self.residual[self.order[finishing:active].to(self.residual.device)] = delta.norm(dim=-1).mean(dim=-1)
+        self.executed += active
         return new
 
-    def record_residual(self, residual: Tensor, new: Tensor, start: int, stop: int) -> None:
-        """‖h_T − h_{T−1}‖ (token mean) for positions [start, stop), which take their last step of
-        this phase now; stored under the rows' original indices."""
-        if start < stop:
-            delta = (new[start:stop].detach() - self.h[start:stop].detach()).float()
-            rows = self.order[start:stop].to(residual.device)
-            residual[rows] = delta.norm(dim=-1).mean(dim=-1)
 
-
-def _descending_order(keys: Tensor) -> Tensor:
-    return torch.argsort(keys, descending=True, stable=True)
+def _is_identity(order: Tensor) -> bool:
+    return bool((order == torch.arange(len(order))).all())
 
 
 def _count_above(sorted_desc: list[int], threshold: int) -> int:

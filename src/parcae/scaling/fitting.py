@@ -12,6 +12,7 @@ from scipy import optimize
 
 HUBER_DELTA = 1e-3
 MAX_EXPONENT = 10.0
+_LBFGS = {"method": "L-BFGS-B", "jac": True, "options": {"maxiter": 10_000, "ftol": 1e-10, "gtol": 1e-6}}
 
 
 class FitError(ValueError):
@@ -30,8 +31,7 @@ def mape(predicted: np.ndarray, observed: np.ndarray) -> float:
 
 
 def ci95(samples: np.ndarray) -> list[float]:
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return [float(low), float(high)]
+    return [float(bound) for bound in np.percentile(samples, [2.5, 97.5])]
 
 
 def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
@@ -50,11 +50,8 @@ class Term:
 
 
 class SumOfTerms:
-    """log L̂ = logsumexp_j (s_j − p_j·F_j), fitted by Huber loss on log L with L-BFGS (analytic gradient).
-
-    Internally each feature is centred (F − F̄, with s'_j = s_j − p_j·F̄_j): otherwise s_j and p_j are almost
-    collinear (ln N varies by a few units around ~15) and L-BFGS crawls along that valley.
-    """
+    """log L̂ = logsumexp_j (s_j − p_j·F_j), Huber loss on log L by L-BFGS (analytic gradient). Features are centred
+    (s'_j = s_j − p_j·F̄_j), or s_j and p_j are almost collinear (ln N ≈ 15 ± a few) and L-BFGS crawls that valley."""
 
     def __init__(self, terms: Sequence[Term], loss: np.ndarray) -> None:
         self.terms = list(terms)
@@ -64,6 +61,7 @@ class SumOfTerms:
         self.centers = raw.mean(0)
         self.features = raw - self.centers
         self.n_scales = len(terms)
+        self.bounds = [(None, None)] * self.n_scales + [(0.0, MAX_EXPONENT)] * int(self.has_exponent.sum())
 
     def _split(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         exponents = np.zeros(self.n_scales)
@@ -77,8 +75,7 @@ class SumOfTerms:
         return _logsumexp_rows(scales - exponents * features)
 
     def objective(self, theta: np.ndarray, rows: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-        features = self.features if rows is None else self.features[rows]
-        log_y = self.log_y if rows is None else self.log_y[rows]
+        features, log_y = (self.features, self.log_y) if rows is None else (self.features[rows], self.log_y[rows])
         scales, exponents = self._split(theta)
         logits = scales - exponents * features
         log_prediction = _logsumexp_rows(logits)
@@ -87,28 +84,22 @@ class SumOfTerms:
         psi = np.clip(residual, -HUBER_DELTA, HUBER_DELTA)[:, None]
         # Scaled by 1/δ² so that L-BFGS's tolerances see numbers of order one.
         value = float(huber(residual).sum()) / HUBER_DELTA**2
-        grad_scales = (psi * weights).sum(0)
         grad_exponents = -(psi * weights * features).sum(0)[self.has_exponent]
-        return value, np.concatenate([grad_scales, grad_exponents]) / HUBER_DELTA**2
+        return value, np.concatenate([(psi * weights).sum(0), grad_exponents]) / HUBER_DELTA**2
 
     def random_start(self, rng: np.random.Generator) -> np.ndarray:
         """Each term starts at a random fraction of the loss scale with a random exponent in [0, 2]."""
         level = float(np.exp(self.log_y.min()))
         scales, exponents = [], []
-        for term in self.terms:
-            if term.exponent_name is None:
-                scales.append(math.log(level * rng.uniform(0.1, 1.0)))
-            else:
+        for term in self.terms:  # draws in this order: the exponent first, then the scale
+            if term.exponent_name is not None:
                 exponents.append(rng.uniform(0.0, 2.0))
-                scales.append(math.log(level * rng.uniform(0.01, 1.0)))
+            low = 0.1 if term.exponent_name is None else 0.01
+            scales.append(math.log(level * rng.uniform(low, 1.0)))
         return np.array(scales + exponents)
 
     def minimise(self, start: np.ndarray, rows: np.ndarray | None = None) -> optimize.OptimizeResult:
-        bounds = [(None, None)] * self.n_scales + [(0.0, MAX_EXPONENT)] * int(self.has_exponent.sum())
-        options = {"maxiter": 10_000, "ftol": 1e-10, "gtol": 1e-6}
-        return optimize.minimize(
-            self.objective, start, args=(rows,), jac=True, method="L-BFGS-B", bounds=bounds, options=options
-        )
+        return optimize.minimize(self.objective, start, args=(rows,), bounds=self.bounds, **_LBFGS)
 
     def fit(self, restarts: int, seed: int, what: str) -> np.ndarray:
         """The best converged of `restarts` seeded random starts."""
@@ -126,17 +117,12 @@ class SumOfTerms:
         """Refits on rows resampled with replacement, each started at `theta`; converged replicates only."""
         rng = np.random.default_rng(seed)
         n = len(self.log_y)
-        samples = []
-        for _ in range(replicates):
-            result = self.minimise(theta, rng.integers(0, n, n))
-            if result.success and np.isfinite(result.fun):
-                samples.append(result.x)
-        return np.array(samples).reshape(-1, len(theta))
+        results = [self.minimise(theta, rng.integers(0, n, n)) for _ in range(replicates)]
+        return np.array([r.x for r in results if r.success and np.isfinite(r.fun)]).reshape(-1, len(theta))
 
     def named(self, theta: np.ndarray) -> dict[str, float]:
-        scales, exponents = self._split(theta)
         out: dict[str, float] = {}
-        for term, s, p, center in zip(self.terms, scales, exponents, self.centers, strict=True):
+        for term, s, p, center in zip(self.terms, *self._split(theta), self.centers, strict=True):
             out[term.scale_name] = float(np.exp(s + p * center))
             if term.exponent_name is not None:
                 out[term.exponent_name] = float(p)
@@ -146,30 +132,17 @@ class SumOfTerms:
         """Parameters, their bootstrap uncertainty and the in-sample errors."""
         predicted = np.exp(self.log_predict(theta))
         residual = np.log(predicted) - self.log_y
-        samples = self.bootstrap(theta, replicates, seed) if replicates else np.zeros((0, len(theta)))
+        samples = self.bootstrap(theta, replicates, seed)
         named_samples = [self.named(s) for s in samples]
-        uncertainty = {
-            name: {"std": float(np.std(values)), "ci95": ci95(values)}
-            for name in self.named(theta)
-            if len(values := np.array([s[name] for s in named_samples])) >= 10
-        }
-        at_bound = [
-            t.exponent_name
-            for t, p in zip(self.terms, self._split(theta)[1], strict=True)
-            if t.exponent_name and (p < 1e-4 or p > MAX_EXPONENT - 1e-4)
-        ]
-        report: dict[str, Any] = {
-            "parameters": self.named(theta),
-            "uncertainty": uncertainty,
-            "bootstrap": {"replicates": replicates, "converged": len(samples)},
-            "huber_mean": float(huber(residual).mean()),
-            "huber_total": float(huber(residual).sum()),
-            "mape_percent": mape(predicted, np.exp(self.log_y)),
-            "points": len(self.log_y),
-        }
+        by_name = {name: np.array([s[name] for s in named_samples]) for name in self.named(theta)}
+        uncertainty = {name: {"std": float(np.std(v)), "ci95": ci95(v)} for name, v in by_name.items() if len(v) >= 10}
+        report: dict[str, Any] = {"parameters": self.named(theta), "uncertainty": uncertainty}
+        report["bootstrap"] = {"replicates": replicates, "converged": len(samples)}
+        report.update(huber_mean=float(huber(residual).mean()), huber_total=float(huber(residual).sum()))
+        report.update(mape_percent=mape(predicted, np.exp(self.log_y)), points=len(self.log_y))
+        exponents = zip(self.terms, self._split(theta)[1], strict=True)
+        at_bound = [t.exponent_name for t, p in exponents if t.exponent_name and (p < 1e-4 or p > MAX_EXPONENT - 1e-4)]
         if at_bound:
-            report["warning"] = (
-                f"exponent(s) {', '.join(at_bound)} at a bound (0 or {MAX_EXPONENT:g}): these data do not "
-                "identify that term."
-            )
+            bound = f"at a bound (0 or {MAX_EXPONENT:g})"
+            report["warning"] = f"exponent(s) {', '.join(at_bound)} {bound}: these data do not identify that term."
         return report

@@ -1,13 +1,10 @@
-"""Training FLOPs per token (README § Scaling laws gives the convention, paper App. D), and the official formula.
-
-The counts follow our code (the meta-device model's matmul weights; the injection's loop-invariant part once per
-forward), so tests can check them against `torch.utils.flop_counter.FlopCounterMode`.
-"""
+"""Training FLOPs per token (README § Scaling laws, paper App. D) and the official formula. The counts follow our
+code (the meta-device model's matmul weights), so tests check them against `torch.utils.flop_counter`."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -28,10 +25,10 @@ class MatmulParams:
 
     outer: int  # prelude + coda blocks (attention, MLP, value-embedding gates)
     head: int  # LM head (tied or not)
-    readout: int  # C, after the loop
-    injection_once: int  # loop-invariant injection matmul: B (diagonal), W_e (linear)
-    core: int  # one iteration of the core blocks
-    injection_step: int  # per-iteration injection matmul: W_h (linear)
+    readout: int = 0  # C, after the loop
+    injection_once: int = 0  # loop-invariant injection matmul: B (diagonal), W_e (linear)
+    core: int = 0  # one iteration of the core blocks
+    injection_step: int = 0  # per-iteration injection matmul: W_h (linear)
 
 
 @dataclass(frozen=True)
@@ -67,15 +64,11 @@ def _linear_params(modules: list[nn.Module]) -> int:
 def matmul_params(cfg: ParcaeConfig) -> MatmulParams:
     """Matmul parameters of `cfg`, read off the model built on the meta device (so they follow the code)."""
     model = _meta_model(cfg)
-    outer = _linear_params([*model.prelude, *model.coda])
-    head = model.lm_head.weight.numel()
+    outer, head = _linear_params([*model.prelude, *model.coda]), model.lm_head.weight.numel()
     if not cfg.is_looped:
-        return MatmulParams(outer, head, readout=0, injection_once=0, core=0, injection_step=0)
-    injection_once = injection_step = 0
-    if cfg.injection in ("diagonal", "diagonal-zoh"):
-        injection_once = cfg.d_state * cfg.d_model
-    elif cfg.injection == "linear":
-        injection_once, injection_step = cfg.d_state * cfg.d_model, cfg.d_state * cfg.d_state
+        return MatmulParams(outer, head)
+    injection_once = cfg.d_state * cfg.d_model if cfg.injection in ("diagonal", "diagonal-zoh", "linear") else 0
+    injection_step = cfg.d_state * cfg.d_state if cfg.injection == "linear" else 0
     core = _linear_params(list(model.core))
     return MatmulParams(outer, head, model.readout.weight.numel(), injection_once, core, injection_step)
 
@@ -93,22 +86,16 @@ def effective_params(cfg: ParcaeConfig, mean_recurrence: int | None = None) -> i
 
 
 def expected_iterations(cfg: ParcaeConfig, seq_len: int | None = None) -> tuple[float, float]:
-    """(E[n], E[k]): expected core iterations per row without and with gradient under `cfg`'s sampler.
-
-    T = max(1, Poisson(μ)), k = min(T, b), n = T − k with b = μ_bwd, so E[k] = Σ_{j=1..b} P(T ≥ j) and
-    E[n] = E[T] − E[k], E[T] = μ + e^{−μ}. Per-token sampling runs each row to its largest token depth, the
-    maximum of L draws: P(T_max ≥ j) = 1 − P(T ≤ j−1)^L. Fixed sampling runs μ, the last min(μ, b) with grad.
-    """
+    """(E[n], E[k]): expected core iterations per row without / with grad. T = max(1, Poisson(μ)), k = min(T, b),
+    n = T − k, b = μ_bwd: E[k] = Σ_{j=1..b} P(T ≥ j), E[n] = E[T] − E[k], E[T] = μ + e^{−μ}. Per-token sampling runs
+    the max of L token draws, P(T_max ≥ j) = 1 − P(T ≤ j−1)^L; fixed sampling runs μ, the last min(μ, b) with grad."""
     if not cfg.is_looped:
         return 0.0, 0.0
     mean, bwd = cfg.mean_recurrence, cfg.backprop_depth
     if cfg.depth_sampling == "fixed":
         return float(mean - min(mean, bwd)), float(min(mean, bwd))
-    draws = 1
-    if cfg.depth_sampling == "per-token":
-        draws = seq_len or cfg.max_seq_len
-    # P(T ≥ j) for j = 1, 2, …: T ≥ 1 always; for j ≥ 2, T ≥ j ⇔ Poisson ≥ j. Summed far enough into the
-    # tail that the remaining terms are below double precision.
+    draws = (seq_len or cfg.max_seq_len) if cfg.depth_sampling == "per-token" else 1
+    # Summed far enough into the tail that the remaining terms are below double precision.
     last = int(mean + 20 * math.sqrt(mean) + 40)
     while True:
         j = np.arange(1, last + 1)
@@ -131,8 +118,7 @@ def flops_per_token(
     grad: float | None = None,
     causal: bool = False,
 ) -> FlopCount:
-    """Training FLOPs per token of `cfg` at `seq_len` (default: the model's context), with the sampler's expected
-    core iterations unless `no_grad` and `grad` are given (e.g. the n, k of a fixed `DepthPlan`)."""
+    """FLOPs per token at `seq_len` (default: context), with expected core iterations unless `no_grad`, `grad` given."""
     seq_len = seq_len or cfg.max_seq_len
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}.")
@@ -153,18 +139,12 @@ def flops_per_token(
 
 
 def official_flops_per_token(cfg: ParcaeConfig, seq_len: int | None = None) -> int:
-    """The official `scripts/cost.py` figure, with R = μ_rec and S = μ_bwd:
-
-    6·N_noncore + 3·(n_pre + n_coda)·4·d·L + (2R + 4S)·N_core + (R + 2S)·n_core·4·d_core·L, where
-    N_core = core-block parameters and N_noncore = all parameters − embedding − N_core.
-    """
+    """Official cost.py: 6·N_noncore + 3·(n_pre + n_coda)·4·d·L + (2R + 4S)·N_core + (R + 2S)·n_core·4·d_core·L with
+    R = μ_rec, S = μ_bwd, N_core = core-block parameters, N_noncore = all parameters − embedding − N_core."""
     seq_len = seq_len or cfg.max_seq_len
-    total = sum(p.numel() for p in _meta_model(cfg).parameters())
     n_core = core_params(cfg)
-    noncore = total - cfg.vocab_size * cfg.d_model - n_core
+    noncore = effective_params(cfg, 1) - cfg.vocab_size * cfg.d_model - n_core  # N(1): every parameter once
     outer = 3 * (cfg.n_prelude + cfg.n_coda) * _ATTENTION_FWD * cfg.n_heads * cfg.head_dim * seq_len
-    if not cfg.is_looped:
-        return 6 * noncore + outer
     r, s = cfg.mean_recurrence, cfg.backprop_depth
     core_attention = (r + 2 * s) * cfg.n_core * _ATTENTION_FWD * cfg.core_heads * cfg.head_dim * seq_len
     return 6 * noncore + outer + (2 * r + 4 * s) * n_core + core_attention
@@ -172,26 +152,17 @@ def official_flops_per_token(cfg: ParcaeConfig, seq_len: int | None = None) -> i
 
 def format_breakdown(cfg: ParcaeConfig, count: FlopCount) -> str:
     """A human-readable table of `count` (from `flops_per_token(cfg, …)`)."""
-    params = matmul_params(cfg)
-    lines = [
-        f"{cfg.name}: training FLOPs per token at L = {count.seq_len} "
-        f"({'causal' if count.causal else 'full'} attention, model FLOPs)",
-    ]
+    attention = "causal" if count.causal else "full"
+    lines = [f"{cfg.name}: training FLOPs per token at L = {count.seq_len} ({attention} attention, model FLOPs)"]
     if cfg.is_looped:
         lines.append(
             f"  depth sampler {cfg.depth_sampling}, μ_rec {cfg.mean_recurrence}, μ_bwd {cfg.backprop_depth}: "
             f"E[n] = {count.no_grad_iterations:.4f} (no grad), E[k] = {count.grad_iterations:.4f} (grad)"
         )
-    rows = [
-        ("prelude + coda matmuls", params.outer),
-        ("LM head", params.head),
-        ("readout C", params.readout),
-        ("injection, once per forward", params.injection_once),
-        ("core matmuls per iteration", params.core),
-        ("injection per iteration", params.injection_step),
-    ]
-    for label, value in rows:
-        if value or label in ("prelude + coda matmuls", "LM head"):
+    labels = ("prelude + coda matmuls", "LM head", "readout C", "injection, once per forward")
+    labels += ("core matmuls per iteration", "injection per iteration")  # MatmulParams' fields, in order
+    for index, (label, value) in enumerate(zip(labels, astuple(matmul_params(cfg)), strict=True)):
+        if value or index < 2:  # the prelude + coda and the LM head are always listed
             lines.append(f"  {label:<30} {value:>16,}")
     lines += [
         f"  N̂₁ (no grad, ×2)               {count.params_no_grad:>16,.1f}",

@@ -16,9 +16,9 @@ from .fitting import HUBER_DELTA, FitError, SumOfTerms, Term, ci95, huber, mape
 from .sweep import RESULT_COLUMNS
 
 _NUMERIC = RESULT_COLUMNS[1:]
+Report = dict[str, Any]  # a fit's report, as written to fit.json
 
 
-# ---------------------------------------------------------------------- the results CSV
 @dataclass(frozen=True)
 class Results:
     """A results CSV as columns (numpy arrays); `run` holds the run names."""
@@ -37,8 +37,7 @@ class Results:
         return len(self.run)
 
     def select(self, mask: np.ndarray) -> Results:
-        columns = {name: getattr(self, name)[mask] for name in RESULT_COLUMNS}
-        return Results(**columns, source=self.source)
+        return Results(**{name: getattr(self, name)[mask] for name in RESULT_COLUMNS}, source=self.source)
 
     def at_training_depth(self) -> Results:
         """Rows evaluated at T = μ_rec: the training law's loss."""
@@ -53,15 +52,14 @@ def read_results(path: str | Path) -> Results:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results CSV {path} not found.")
+    names: list[str] = []
+    values: dict[str, list[float]] = {c: [] for c in _NUMERIC}
+    seen: set[tuple[str, float]] = set()
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in RESULT_COLUMNS if c not in header]
+        missing = [c for c in RESULT_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path} lacks column(s) {', '.join(missing)} (expected {','.join(RESULT_COLUMNS)}).")
-        names: list[str] = []
-        values: dict[str, list[float]] = {c: [] for c in _NUMERIC}
-        seen: set[tuple[str, float]] = set()
         for line, row in enumerate(reader, start=2):
             for column in _NUMERIC:
                 text = (row.get(column) or "").strip()
@@ -69,10 +67,8 @@ def read_results(path: str | Path) -> Results:
                     value = float(text)
                 except ValueError:
                     raise ValueError(f"{path} line {line}: {column} is not a number ({text!r}).") from None
-                if not math.isfinite(value):
-                    raise ValueError(f"{path} line {line}: {column} is {text} (every value must be finite).")
-                if value <= 0:
-                    raise ValueError(f"{path} line {line}: {column} must be positive, got {text}.")
+                if not (math.isfinite(value) and value > 0):
+                    raise ValueError(f"{path} line {line}: {column} is {text} (every value must be finite and > 0).")
                 values[column].append(value)
             key = (row["run"], values["eval_depth"][-1])
             if key in seen:
@@ -85,19 +81,14 @@ def read_results(path: str | Path) -> Results:
     return Results(run=np.asarray(names, dtype=object), **columns, source=str(path))
 
 
-# ---------------------------------------------------------------------- isoFLOP
 def _parabola_minimum(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float | None]:
     coefficients = np.polyfit(x, y, 2)
-    if coefficients[0] <= 0:
-        return coefficients, None
-    return coefficients, float(-coefficients[1] / (2 * coefficients[0]))
+    return coefficients, float(-coefficients[1] / (2 * coefficients[0])) if coefficients[0] > 0 else None
 
 
 def _power_law(budgets: np.ndarray, values: np.ndarray) -> tuple[float, float, float | None]:
     """(prefactor, exponent, standard error of the exponent) of values = prefactor · budgets^exponent."""
-    x, y = np.log(budgets), np.log(values)
-    if len(x) < 2 or np.ptp(x) == 0:
-        raise FitError("a power law in C needs minima at two or more budgets.")
+    x, y = np.log(budgets), np.log(values)  # the callers give two or more distinct budgets
     slope, intercept = np.polyfit(x, y, 1)
     stderr = None
     if len(x) > 2:
@@ -106,13 +97,12 @@ def _power_law(budgets: np.ndarray, values: np.ndarray) -> tuple[float, float, f
     return float(math.exp(intercept)), float(slope), stderr
 
 
-def fit_isoflop(results: Results, *, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+def fit_isoflop(results: Results, *, bootstrap: int = 1000, seed: int = 0) -> Report:
     """Per-budget parabolas of the loss at T = μ_rec in ln μ_rec, their minima μ*(C) and D*(C), and the power
     laws through them (every budget needs ≥ 3 recurrences; profiles without a minimum are reported, not used)."""
     rows = results.at_training_depth()
     budgets = np.unique(rows.budget_flops)
-    per_budget, valid = [], []
-    fits = []  # per budget: x, y, fitted y, FLOPs-per-token line, budget, whether it has a minimum
+    per_budget, valid, fits = [], [], []  # fits: x, y, fitted y, FLOPs-per-token line, budget, has a minimum
     for budget in budgets:
         mask = rows.budget_flops == budget
         mu, loss, tokens = rows.mean_recurrence[mask], rows.val_loss[mask], rows.tokens[mask]
@@ -125,13 +115,8 @@ def fit_isoflop(results: Results, *, bootstrap: int = 1000, seed: int = 0) -> di
         coefficients, x_opt = _parabola_minimum(x, loss)
         # FLOPs per token are affine in μ_rec (a fixed part plus the core per iteration): fit them from C/D.
         line = np.polyfit(mu, budget / tokens, 1)
-        entry: dict[str, Any] = {
-            "budget_flops": float(budget),
-            "points": len(mu),
-            "mean_recurrence": mu.tolist(),
-            "val_loss": loss.tolist(),
-            "parabola_ln_mu": coefficients.tolist(),
-        }
+        entry: dict[str, Any] = {"budget_flops": float(budget), "points": len(mu), "mean_recurrence": mu.tolist()}
+        entry.update(val_loss=loss.tolist(), parabola_ln_mu=coefficients.tolist())
         if x_opt is None:
             entry.update(status="no minimum (the parabola opens downward)", mu_opt=None, tokens_opt=None)
         else:
@@ -143,22 +128,14 @@ def fit_isoflop(results: Results, *, bootstrap: int = 1000, seed: int = 0) -> di
         per_budget.append(entry)
         fits.append((x, loss, np.polyval(coefficients, x), line, budget, x_opt is not None))
     if len(valid) < 2:
-        raise FitError(
-            f"only {len(valid)} of {len(budgets)} budgets have a parabola with a minimum; the power laws need two."
-        )
+        raise FitError(f"only {len(valid)} of {len(budgets)} budgets have a parabola with a minimum (2 needed).")
     c = np.array([e["budget_flops"] for e in valid])
-    laws = {}
-    for key in ("mu_opt", "tokens_opt"):
-        prefactor, exponent, stderr = _power_law(c, np.array([e[key] for e in valid]))
-        laws[key] = {"prefactor": prefactor, "exponent": exponent, "exponent_stderr": stderr}
     intervals = _isoflop_bootstrap(fits, bootstrap, seed)
-    report: dict[str, Any] = {
-        "kind": "isoflop",
-        "budgets": per_budget,
-        "mu_law": {**laws["mu_opt"], **intervals.get("mu_opt", {})},
-        "tokens_law": {**laws["tokens_opt"], **intervals.get("tokens_opt", {})},
-        "bootstrap": intervals.get("info", {}),
-    }
+    report: Report = {"kind": "isoflop", "budgets": per_budget}
+    for key, law in (("mu_opt", "mu_law"), ("tokens_opt", "tokens_law")):
+        prefactor, exponent, stderr = _power_law(c, np.array([e[key] for e in valid]))
+        report[law] = {"prefactor": prefactor, "exponent": exponent, "exponent_stderr": stderr} | intervals.get(key, {})
+    report["bootstrap"] = intervals.get("info", {})
     outside = [f"{e['budget_flops']:.4g}" for e in valid if not e["in_sampled_range"]]
     if outside:
         report["warning"] = f"the minimum lies outside the sampled μ_rec range at budget(s) {', '.join(outside)}."
@@ -170,29 +147,24 @@ def _isoflop_bootstrap(fits: list[tuple[Any, ...]], replicates: int, seed: int) 
     if replicates <= 0:
         return {}
     if all(len(x) == 3 for x, *_ in fits):
-        note = (
-            "every budget has exactly 3 points, so its parabola interpolates them and there are no residuals to "
-            "resample: no bootstrap intervals."
-        )
+        note = "every budget has 3 points, which its parabola interpolates: no residuals to resample, no bootstrap CIs."
         return {"info": {"replicates": 0, "note": note}}
     rng = np.random.default_rng(seed)
+    used = [fit for fit in fits if fit[-1]]
+    c = np.array([budget for *_, budget, _ in used])
     kept: dict[str, list[tuple[float, float]]] = {"mu_opt": [], "tokens_opt": []}
     for _ in range(replicates):
-        mus, tokens, cs = [], [], []
-        for x, y, fitted, line, budget, used in fits:
-            if not used:
-                continue
+        mus, tokens = [], []
+        for x, y, fitted, line, budget, _ in used:
             residual = (y - fitted) * math.sqrt(len(x) / max(len(x) - 3, 1))
             _, x_opt = _parabola_minimum(x, fitted + rng.choice(residual, len(x)))
             if x_opt is None:
                 break
             mus.append(math.exp(x_opt))
             tokens.append(budget / np.polyval(line, math.exp(x_opt)))
-            cs.append(budget)
         else:
             for key, values in (("mu_opt", mus), ("tokens_opt", tokens)):
-                prefactor, exponent, _ = _power_law(np.array(cs), np.array(values))
-                kept[key].append((prefactor, exponent))
+                kept[key].append(_power_law(c, np.array(values))[:2])
     out: dict[str, Any] = {"info": {"replicates": replicates, "with_minima": len(kept["mu_opt"])}}
     if len(kept["mu_opt"]) >= 10:
         for key, samples in kept.items():
@@ -201,7 +173,6 @@ def _isoflop_bootstrap(fits: list[tuple[Any, ...]], replicates: int, seed: int) 
     return out
 
 
-# ---------------------------------------------------------------------- training law and unified law
 def _terms(kind: str, rows: Results) -> list[Term]:
     """E + A·N^−a + B·D^−b (params), or E + X·N^−x + Y·D^−y + Z·e^{−z·T/μ_rec} (unified)."""
     n, d = ("A", "B") if kind == "params" else ("X", "Y")
@@ -212,34 +183,26 @@ def _terms(kind: str, rows: Results) -> list[Term]:
     return terms
 
 
-def _fit_law(
-    kind: str, rows: Results, holdout: Results | None, restarts: int, bootstrap: int, seed: int
-) -> dict[str, Any]:
+def _fit_law(kind: str, rows: Results, held: Results | None, restarts: int, bootstrap: int, seed: int) -> Report:
     terms = _terms(kind, rows)
     n_params = len(terms) + sum(t.exponent_name is not None for t in terms)
     if len(rows) <= n_params:
         raise FitError(f"the {kind} law has {n_params} parameters but {rows.source} gives only {len(rows)} points.")
     law = SumOfTerms(terms, rows.val_loss)
     theta = law.fit(restarts, seed, kind)
-    report: dict[str, Any] = {"kind": kind, "restarts": restarts, **law.report(theta, bootstrap, seed)}
-    report["predicted"] = np.exp(law.log_predict(theta)).tolist()
-    report["observed"] = rows.val_loss.tolist()
-    if holdout is not None:
-        predicted = np.exp(law.log_predict(theta, np.stack([t.feature for t in _terms(kind, holdout)], axis=1)))
-        report["holdout"] = {
-            "source": holdout.source,
-            "points": len(holdout),
-            "mape_percent": mape(predicted, holdout.val_loss),
-            "huber_mean": float(huber(np.log(predicted) - np.log(holdout.val_loss)).mean()),
-            "predicted": predicted.tolist(),
-            "observed": holdout.val_loss.tolist(),
-        }
+    report: Report = {"kind": kind, "restarts": restarts, **law.report(theta, bootstrap, seed)}
+    report.update(predicted=np.exp(law.log_predict(theta)).tolist(), observed=rows.val_loss.tolist())
+    if held is not None:
+        predicted = np.exp(law.log_predict(theta, np.stack([t.feature for t in _terms(kind, held)], axis=1)))
+        huber_mean = float(huber(np.log(predicted) - np.log(held.val_loss)).mean())
+        report["holdout"] = {"source": held.source, "points": len(held), "mape_percent": mape(predicted, held.val_loss)}
+        report["holdout"].update(huber_mean=huber_mean, predicted=predicted.tolist(), observed=held.val_loss.tolist())
     return report
 
 
 def fit_params(
     results: Results, *, holdout: Results | None = None, restarts: int = 200, bootstrap: int = 200, seed: int = 0
-) -> dict[str, Any]:
+) -> Report:
     """L = E + A·N^−a + B·D^−b on the loss at T = μ_rec (paper Eq. 7; Table 11 reports E, A, a, B, b)."""
     held = holdout.at_training_depth() if holdout is not None else None
     return _fit_law("params", results.at_training_depth(), held, restarts, bootstrap, seed)
@@ -247,7 +210,7 @@ def fit_params(
 
 def fit_unified(
     results: Results, *, holdout: Results | None = None, restarts: int = 200, bootstrap: int = 200, seed: int = 0
-) -> dict[str, Any]:
+) -> Report:
     """L = E + X·N^−x + Y·D^−y + Z·e^{−z·T/μ_rec} on every row (paper Eq. 4). With a holdout, also the
     "oracle" error: the floor E + X·N^−x + Y·D^−y replaced by each held-out run's loss at T = μ_rec."""
     report = _fit_law("unified", results, holdout, restarts, bootstrap, seed)
@@ -257,20 +220,21 @@ def fit_unified(
         has_floor = np.array([name in floors for name in holdout.run])
         if has_floor.any():
             rows, p = holdout.select(has_floor), report["parameters"]
-            oracle = np.array([floors[n] for n in rows.run]) + p["Z"] * np.exp(
-                -p["z"] * rows.eval_depth / rows.mean_recurrence
-            )
+            decay = p["Z"] * np.exp(-p["z"] * rows.eval_depth / rows.mean_recurrence)
+            oracle = np.array([floors[n] for n in rows.run]) + decay
             report["holdout"]["oracle_mape_percent"] = mape(oracle, rows.val_loss)
     return report
 
 
-# ---------------------------------------------------------------------- test-time scaling
 @dataclass(frozen=True)
 class TestTimeForm:
     name: str
     formula: str
     parameters: tuple[str, ...]
     function: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+    def log_residual(self, p: np.ndarray, depths: np.ndarray, log_loss: np.ndarray) -> np.ndarray:
+        return np.log(np.maximum(self.function(depths, p), 1e-300)) - log_loss
 
 
 _FLOORED = ("L_inf", "Z", "z")
@@ -284,9 +248,7 @@ _MIN_FIT_POINTS = 3  # every form is fitted to at least as many points as the la
 
 
 def _curve_starts(form: TestTimeForm, depths: np.ndarray, loss: np.ndarray) -> list[np.ndarray]:
-    """Good starting points, cheaply. Z·T^−z is a line in log-log. The floored forms are linear in (L∞, Z)
-    once z is fixed, so z is profiled over a grid (linear least squares for L∞, Z ≥ 0 at each z) and the two
-    best grid points are kept."""
+    """Cheap starts: Z·T^−z is a log-log line; floored forms are linear in (L∞, Z ≥ 0) at fixed z (best 2 of a grid)."""
     if len(form.parameters) == 2:
         slope, intercept = np.polyfit(np.log(depths), np.log(loss), 1)
         return [np.array([math.exp(intercept), max(-slope, 0.0)])]
@@ -296,38 +258,30 @@ def _curve_starts(form: TestTimeForm, depths: np.ndarray, loss: np.ndarray) -> l
         design = np.stack([np.ones_like(shape), shape], axis=1)
         (floor, amplitude), *_ = np.linalg.lstsq(design, loss, rcond=None)
         p = np.array([max(floor, 0.0), max(amplitude, 0.0), rate])
-        error = float(np.sum((np.log(np.maximum(form.function(depths, p), 1e-300)) - np.log(loss)) ** 2))
+        error = float(np.sum(form.log_residual(p, depths, np.log(loss)) ** 2))
         profile.append((error, p))
     profile.sort(key=lambda item: item[0])
     return [p for _, p in profile[:2]]
 
 
 def fit_curve(form: TestTimeForm, depths: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Least squares on log-loss (as the paper); (parameters, standard errors or None when no dof is left).
-
-    Raises FitError when no start converges.
-    """
+    """Least squares on log-loss (as the paper): (parameters, standard errors or None when no dof is left)."""
     order = np.argsort(depths)
     depths, loss = depths[order], loss[order]
-    log_y = np.log(loss)
-
-    def residual(p: np.ndarray) -> np.ndarray:
-        return np.log(np.maximum(form.function(depths, p), 1e-300)) - log_y
-
+    fit_args = (depths, np.log(loss))
     best = None
     for start in _curve_starts(form, depths, loss):
-        result = optimize.least_squares(residual, start, bounds=(0.0, np.inf), x_scale="jac")
+        result = optimize.least_squares(form.log_residual, start, bounds=(0.0, np.inf), x_scale="jac", args=fit_args)
         if result.status > 0 and np.isfinite(result.cost) and (best is None or result.cost < best.cost):
             best = result
     if best is None:
         raise FitError(f"the {form.formula} fit did not converge.")
-    stderr = None
     dof = len(depths) - len(best.x)
-    if dof > 0:
-        with np.errstate(all="ignore"):
-            covariance = np.linalg.pinv(best.jac.T @ best.jac) * (2 * best.cost / dof)
-        stderr = np.sqrt(np.clip(np.diag(covariance), 0, None))
-    return best.x, stderr
+    if dof <= 0:
+        return best.x, None
+    with np.errstate(all="ignore"):
+        covariance = np.linalg.pinv(best.jac.T @ best.jac) * (2 * best.cost / dof)
+    return best.x, np.sqrt(np.clip(np.diag(covariance), 0, None))
 
 
 def _scores(depths: np.ndarray, loss: np.ndarray, fit_mask: np.ndarray, score_mask: np.ndarray) -> dict[str, Any]:
@@ -346,27 +300,20 @@ def _scores(depths: np.ndarray, loss: np.ndarray, fit_mask: np.ndarray, score_ma
     return scores
 
 
-def fit_testtime(results: Results) -> dict[str, Any]:
-    """Per run: the exponential law's parameters, and every form's average Huber loss in distribution (fit
-    and score on all T) and extrapolating (fit on T ≤ μ_rec, score on T > μ_rec); then the Table 12
-    comparison, averaged over the runs that every form could be fitted and scored on."""
+def fit_testtime(results: Results) -> Report:
+    """Per run, every form's mean Huber loss in distribution (fit and score on all T) and extrapolating (fit on
+    T ≤ μ_rec, score on T > μ_rec); then Table 12, averaged over the runs where every form was fitted and scored."""
     runs, columns = [], {"in_distribution": {}, "extrapolation": {}}
     for name in dict.fromkeys(results.run.tolist()):
         rows = results.select(results.run == name)
         order = np.argsort(rows.eval_depth)
         depths, loss = rows.eval_depth[order], rows.val_loss[order]
         mean = float(rows.mean_recurrence[0])
-        entry: dict[str, Any] = {
-            "run": name,
-            "mean_recurrence": mean,
-            "budget_flops": float(rows.budget_flops[0]),
-            "eval_depth": depths.tolist(),
-            "val_loss": loss.tolist(),
-        }
-        for setting, fit_mask, score_mask in (
-            ("in_distribution", np.ones_like(depths, bool), np.ones_like(depths, bool)),
-            ("extrapolation", depths <= mean, depths > mean),
-        ):
+        entry: dict[str, Any] = {"run": name, "mean_recurrence": mean, "budget_flops": float(rows.budget_flops[0])}
+        entry.update(eval_depth=depths.tolist(), val_loss=loss.tolist())
+        everywhere = np.ones_like(depths, bool)
+        splits = {"in_distribution": (everywhere, everywhere), "extrapolation": (depths <= mean, depths > mean)}
+        for setting, (fit_mask, score_mask) in splits.items():
             if fit_mask.sum() < _MIN_FIT_POINTS or not score_mask.any():
                 entry[setting] = {"skipped": f"{int(fit_mask.sum())} depth(s) to fit, {int(score_mask.sum())} to score"}
                 continue
@@ -384,14 +331,11 @@ def fit_testtime(results: Results) -> dict[str, Any]:
             row[setting] = float(np.mean(values)) if values else None
             row[f"{setting}_runs"] = len(values)
         table.append(row)
-    ranking = {
-        setting: [r["form"] for r in sorted(table, key=lambda r: r[setting])] for setting in columns if columns[setting]
-    }
+    ranking = {s: [r["form"] for r in sorted(table, key=lambda r: r[s])] for s in columns if columns[s]}
     return {"kind": "testtime", "huber_delta": HUBER_DELTA, "table": table, "ranking": ranking, "runs": runs}
 
 
-# ---------------------------------------------------------------------- text summaries
-def format_fit(report: dict[str, Any]) -> str:
+def format_fit(report: Report) -> str:
     kind = report["kind"]
     lines: list[str] = []
     if kind == "isoflop":
@@ -419,12 +363,11 @@ def format_fit(report: dict[str, Any]) -> str:
     else:
         lines.append(f"{'form':<22} {'in-dist (×1e-7)':>16} {'runs':>5} {'extrap (×1e-7)':>16} {'runs':>5}")
         for row in report["table"]:
-            cells = []
+            cells = [f"{row['formula']:<22}"]
             for setting in ("in_distribution", "extrapolation"):
-                value = row[setting]
-                cells.append(f"{value * 1e7:>16.3f}" if value is not None else f"{'-':>16}")
-                cells.append(f"{row[setting + '_runs']:>5}")
-            lines.append(f"{row['formula']:<22} {' '.join(cells)}")
+                value = "-" if row[setting] is None else f"{row[setting] * 1e7:.3f}"
+                cells += [f"{value:>16}", f"{row[setting + '_runs']:>5}"]
+            lines.append(" ".join(cells))
         for setting, order in report["ranking"].items():
             lines.append(f"ranking ({setting}): {' < '.join(order)}")
     if report.get("warning"):

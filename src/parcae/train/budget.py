@@ -1,10 +1,5 @@
-"""What a budget counts (steps, tokens or the `--minutes` of the loop), and how far the run has got.
-
-A time budget counts the loop (steps, validations, checkpoints), not setup or the closing checkpoint, so the
-same `--minutes` trains alike on a first start and on a resume; a process's first step is always taken.
-"""
-
-from __future__ import annotations
+"""What a budget counts and how far the run has got. `--minutes` counts the loop (steps, validations, checkpoints),
+not setup or the closing checkpoint, so it trains alike on a first start and a resume; a first step is always taken."""
 
 import math
 from collections import deque
@@ -13,8 +8,9 @@ from typing import Any
 
 from .config import TrainConfig
 
-# Step times kept for the estimate: enough to see the spread of sampled depths, few enough to follow a change.
-STEP_WINDOW = 8
+Echo = Callable[[str], None]
+
+STEP_WINDOW = 8  # steps kept for the estimate: enough for the spread of sampled depths, few to follow a change
 
 
 class LoopTimes:
@@ -23,8 +19,7 @@ class LoopTimes:
     def __init__(self, window: int = STEP_WINDOW) -> None:
         self._steps: deque[float] = deque(maxlen=window)
         self._first_pending = True  # the process's first step carries one-off warm-up (kernels, allocator)
-        self._validation = 0.0  # the last validation's seconds (0 until one has run)
-        self._checkpoint = 0.0
+        self._validation = self._checkpoint = 0.0  # the last validation's / checkpoint's seconds (0 until one ran)
 
     def add_step(self, seconds: float) -> None:
         if self._first_pending and self._steps:  # a representative step exists: forget the warm-up one
@@ -38,7 +33,7 @@ class LoopTimes:
     def add_checkpoint(self, seconds: float) -> None:
         self._checkpoint = seconds
 
-    def estimate(self, *, validates: bool = False, checkpoints: bool = False) -> float | None:
+    def estimate(self, validates: bool = False, checkpoints: bool = False) -> float | None:
         """The next step's seconds: the longest recent step, plus what is due after it; None before any step."""
         if not self._steps:
             return None
@@ -49,29 +44,23 @@ def budget_steps(config: TrainConfig, tokens_per_step: int) -> int | None:
     """The optimizer steps `config`'s budget amounts to (None for a time budget)."""
     if config.steps is not None:
         return int(config.steps)
-    if config.tokens is not None:
-        return max(1, math.ceil(config.tokens / tokens_per_step))
-    return None
+    return None if config.tokens is None else max(1, math.ceil(config.tokens / tokens_per_step))
 
 
 def time_allows_step(elapsed: float, budget_seconds: float, estimate: float | None) -> bool:
-    """Whether a step started after `elapsed` seconds is expected to end within the budget."""
-    if estimate is None:
-        return elapsed < budget_seconds
-    return elapsed + estimate <= budget_seconds
+    return elapsed < budget_seconds if estimate is None else elapsed + estimate <= budget_seconds
 
 
 class ProgressDisplay:
     """A tqdm bar (of seconds under a time budget, else of steps) or else a status line every `status_every` s."""
 
     def __init__(
-        self, bar: bool, status_every: float, minutes: float | None, echo: Callable[[str], None], val_depth: int | None
+        self, bar: bool, status_every: float, minutes: float | None, echo: Echo, val_depth: int | None
     ) -> None:
         """`val_depth`: the depth whose validation loss is shown (μ_rec of a looped model; None: the only one)."""
         self.wants_bar, self.status_every, self.minutes, self.echo = bar, status_every, minutes, echo
-        self.val_depth = val_depth
+        self.val_depth, self._last_status = val_depth, -math.inf  # -inf: no status line yet
         self.bar: Any = None
-        self._last_status: float | None = None
 
     def open(self, total_steps: int | None, step: int, elapsed: float) -> None:
         self.total_steps = total_steps
@@ -98,7 +87,7 @@ class ProgressDisplay:
             self.bar.update(min(int(elapsed), self.bar.total) - self.bar.n if self.minutes is not None else 1)
             self.bar.set_postfix(figures, refresh=False)
             return
-        if self.status_every <= 0 or (self._last_status is not None and now - self._last_status < self.status_every):
+        if self.status_every <= 0 or now - self._last_status < self.status_every:
             return
         self._last_status = now
         seconds = f"{elapsed:,.0f}" + (f"/{60 * self.minutes:,.0f}" if self.minutes is not None else "")

@@ -1,9 +1,5 @@
-"""Atomic, verifiable training checkpoints (docs/reliability.md: the guarantees and how they are tested).
-
-`step-XXXXXXXX/` holds a `save_pretrained` directory, the optimiser (safetensors + JSON) and `trainer_state.json`
-with the other files' SHA-256 and its own digest. Written to a hidden directory, fsynced, renamed, then `latest`
-is replaced atomically: a crash (even SIGKILL) loses at most the checkpoint being written. Nothing is unpickled.
-"""
+"""Atomic, verifiable checkpoints (docs/reliability.md): `step-XXXXXXXX/` holds a `save_pretrained` directory, the
+optimiser (safetensors + JSON) and `trainer_state.json` with every file's SHA-256. Nothing is unpickled."""
 
 from __future__ import annotations
 
@@ -21,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.optim import Optimizer
 
+from ..data.shards import sha256_file
 from ..model.parcae import Parcae
 
 STATE_FILE = "trainer_state.json"
@@ -39,14 +36,6 @@ class CheckpointWriteError(CheckpointError):
 def _state_digest(state: dict[str, Any]) -> str:
     """SHA-256 of the trainer state's canonical JSON (what `verify` recomputes); floats round-trip exactly."""
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,66 +72,55 @@ class CheckpointManager:
         self.keep = max(1, keep)
 
     def save(self, step: int, model: Parcae, optimizer: Optimizer | dict[str, Any], state: dict[str, Any]) -> Path:
-        """Write checkpoint `step` and point `latest` at it. An OSError (disk full, …) removes the partial files and
-        raises `CheckpointWriteError`; earlier checkpoints and `latest` are left as they were."""
+        """Write `step` hidden, fsync, rename, move `latest`: a crash (even SIGKILL) or an OSError loses only it."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{_PREFIX}{step:08d}"
         tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
         try:
-            self._write(tmp, step, model, optimizer, state)
-            self._publish(tmp, final)
+            self._write(tmp, final, step, model, optimizer, state)
         except (OSError, SafetensorError) as err:  # safetensors reports I/O errors (ENOSPC, EFBIG) as its own type
             shutil.rmtree(tmp, ignore_errors=True)
             latest = self.latest()
             kept = f"{latest.name} is intact and still the latest" if latest else "no earlier checkpoint exists"
-            reason = getattr(err, "strerror", None) or str(err)
-            raise CheckpointWriteError(
-                f"could not write checkpoint {final.name} in {self.root}: {reason}; {kept}"
-            ) from err
+            where = f"{final.name} in {self.root}: {getattr(err, 'strerror', None) or err}"
+            raise CheckpointWriteError(f"could not write checkpoint {where}; {kept}") from err
         self._prune()
         return final
 
-    def _write(self, tmp: Path, step: int, model: Parcae, optimizer: Optimizer | dict[str, Any], state: dict) -> None:
-        """Every file of the checkpoint into `tmp`, fsynced (the manifest and the state digest last)."""
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    def _write(self, tmp: Path, dest: Path, step: int, model: Parcae, optimizer: Optimizer | dict, state: dict) -> None:
+        """Every file into `tmp`, fsynced (manifest and state digest last), then `tmp` renamed to `dest` → `latest`."""
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier failed write of this process
         tmp.mkdir()
         model.save_pretrained(tmp)
         # The optimiser state's tensors go to safetensors, the rest (param groups, scalars) to JSON.
-        state_dict = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        saved = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         tensors: dict[str, torch.Tensor] = {}
         scalars: dict[str, dict[str, Any]] = {}
-        for index, entries in state_dict["state"].items():
+        for index, entries in saved["state"].items():
             for key, value in entries.items():
                 if isinstance(value, torch.Tensor):
                     tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(
-            json.dumps({"param_groups": state_dict["param_groups"], "scalars": scalars})
-        )
-        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        payload = {**state, "step": step, "manifest": manifest}
+        (tmp / "optimizer.json").write_text(json.dumps({"param_groups": saved["param_groups"], "scalars": scalars}))
+        payload = {**state, "step": step, "manifest": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
         with (tmp / STATE_FILE).open("w") as handle:
             json.dump({**payload, "state_sha256": _state_digest(payload)}, handle, indent=1)
         for path in tmp.iterdir():
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
         _fsync_dir(tmp)
-
-    def _publish(self, tmp: Path, final: Path) -> None:
-        """Rename the complete `tmp` to `final` and point `latest` at it."""
-        if final.exists():  # a re-save of a step, after resuming from an earlier checkpoint: replace it whole
-            if self.latest() == final:
+        if dest.exists():  # a re-save of a step, after resuming from an earlier checkpoint: replace it whole
+            if self.latest() == dest:
                 # Never leave `latest` naming a directory being replaced: point it at an older intact one meanwhile.
-                older = self.newest_valid(before=final)
+                older = self.newest_valid(before=dest)
                 if older is not None:
                     write_atomic(self.root / LATEST, older.name + "\n")
-            self._discard(final)
-        os.replace(tmp, final)
+            self._discard(dest)
+        os.replace(tmp, dest)
         _fsync_dir(self.root)
-        write_atomic(self.root / LATEST, final.name + "\n")
+        write_atomic(self.root / LATEST, dest.name + "\n")
 
     def _discard(self, path: Path) -> None:
         """Delete a checkpoint directory: renamed to a hidden name first, so no half-deleted `step-*` remains."""
@@ -161,9 +139,7 @@ class CheckpointManager:
 
     def list(self) -> list[Path]:
         """Checkpoint directories by step (each complete when written; `verify` checks it still is)."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
+        return sorted(p for p in self.root.glob(f"{_PREFIX}*") if p.is_dir())
 
     def latest(self) -> Path | None:
         pointer = self.root / LATEST
@@ -180,7 +156,7 @@ class CheckpointManager:
         try:
             state = json.loads(state_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"checkpoint {path} has a corrupt {STATE_FILE}") from None
+            state = None
         if not isinstance(state, dict) or not isinstance(state.get("manifest", {}), dict):
             raise CheckpointError(f"checkpoint {path} has a corrupt {STATE_FILE}")
         own = state.pop("state_sha256", None)  # absent in checkpoints written before it was added
@@ -190,7 +166,7 @@ class CheckpointManager:
             file = path / name
             if not file.is_file():
                 raise CheckpointError(f"checkpoint {path} is missing {name}")
-            if _sha256(file) != digest:
+            if sha256_file(file) != digest:
                 raise CheckpointError(f"checkpoint {path} is corrupt ({name} fails its SHA-256 check)")
         return state
 
@@ -208,8 +184,10 @@ class CheckpointManager:
             state = self.verify(path)
         except CheckpointError as err:
             fallback = self.newest_valid(before=path)
-            hint = f"; the previous checkpoint {fallback} is intact: resume from it with --checkpoint {fallback.name}"
-            raise CheckpointError(f"{err}{hint if fallback else ''}") from None
+            if fallback is None:
+                raise
+            hint = f"the previous checkpoint {fallback} is intact: resume from it with --checkpoint {fallback.name}"
+            raise CheckpointError(f"{err}; {hint}") from None
         weights = load_file(str(path / "model.safetensors"), device=str(device))
         meta = json.loads((path / "optimizer.json").read_text())
         optimizer: dict[int, dict[str, Any]] = {}

@@ -1,8 +1,5 @@
-"""Distributed training under torchrun (docs/distributed.md): process group, DDP / FSDP2, agreement, checkpoints.
-
-Without torchrun every collective here is the identity. Rank 0 alone writes files, in the single-process
-checkpoint format (FSDP gathers the full state to it), so a run resumes at any world size.
-"""
+"""Distributed training under torchrun (docs/distributed.md); without it every collective is the identity. Rank 0
+alone writes checkpoints, in the single-process format (FSDP gathers to it), so a run resumes at any world size."""
 
 from __future__ import annotations
 
@@ -30,25 +27,23 @@ from .config import PARALLEL_MODES
 from .optim import MuonAdamW
 
 T = TypeVar("T")
-Batch = tuple[Tensor, Tensor]
 
 
 class DistributedContext:
-    """This process's place in the run (rank, world size, device) and the collectives the trainer needs."""
+    """This process's place in the run and the trainer's collectives; `enabled`: a process group exists (even of 1)."""
 
     def __init__(
         self, rank: int, world_size: int, device: torch.device, parallel: str, owns_group: bool, enabled: bool = True
     ) -> None:
-        """`enabled`: there is a process group (even of one); without one every collective is the identity."""
         if parallel not in PARALLEL_MODES:
             raise ValueError(f"unknown parallel mode {parallel!r}; choose one of {', '.join(PARALLEL_MODES)}.")
         self.rank, self.world_size, self.device, self.parallel = rank, world_size, device, parallel
         self._owns_group, self.enabled = owns_group, enabled
+        self.is_main, self.sharded = rank == 0, enabled and parallel == "fsdp"
 
     @classmethod
     def from_environment(cls, device: str = "auto", parallel: str = "ddp") -> DistributedContext:
-        """Join the process group torchrun describes (or reuse the caller's); else a single process. A group is
-        used even with one process, so that `torchrun --nproc-per-node 1` runs the same code as N processes."""
+        """Join torchrun's process group (or the caller's), even of one process (the N-process code); else run alone."""
         joined = tdist.is_available() and tdist.is_initialized()
         if not joined and ("WORLD_SIZE" not in os.environ or "RANK" not in os.environ):
             return cls(0, 1, resolve_device(device), "ddp", owns_group=False, enabled=False)
@@ -60,14 +55,6 @@ class DistributedContext:
             tdist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
         return cls(tdist.get_rank(), tdist.get_world_size(), dev, parallel, owns_group=not joined)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def sharded(self) -> bool:
-        return self.enabled and self.parallel == "fsdp"
-
     def close(self) -> None:
         """Leave the process group if we joined it (after the trainer dropped its DDP wrapper)."""
         if self._owns_group and tdist.is_initialized():
@@ -76,9 +63,7 @@ class DistributedContext:
         self._owns_group = False
 
     def on_main(self, fn: Callable[[], T], *, share: bool = True) -> T:
-        """`fn()` on rank 0 only, its result handed to every rank (`share=False`: rank 0 keeps it, the others
-        get None). An exception there is raised on every rank — same type, same message — so a user error
-        stays one line and no rank waits forever for one that failed."""
+        """`fn()` on rank 0, its result (`share=False`: None) and any exception to every rank, so none waits forever."""
         if not self.enabled:
             return fn()
         result: Any = None
@@ -91,10 +76,8 @@ class DistributedContext:
         box: list[Any] = [(None if error is None else _portable(error), result if share else None)]
         tdist.broadcast_object_list(box, src=0)
         remote_error, shared = box[0]
-        if error is not None:
-            raise error
         if remote_error is not None:
-            raise remote_error
+            raise error or remote_error  # rank 0 its own exception, the others its copy
         return result if self.is_main else shared
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -124,8 +107,7 @@ class DistributedContext:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        # The core runs T times per forward: keep its blocks gathered for the whole step (one all-gather
-        # instead of one per iteration); the other blocks are resharded after their forward as usual.
+        # The core runs T times a forward: its blocks stay gathered for the step (one all-gather, not one per pass).
         core = {id(block) for block in model.core} if model.config.is_looped else set()
         for block in model.blocks():
             fully_shard(block, mesh=mesh, reshard_after_forward=id(block) not in core)
@@ -155,8 +137,7 @@ class DistributedContext:
 
     @contextmanager
     def full_parameters(self, module: nn.Module) -> Iterator[None]:
-        """Outside a forward, FSDP holds only shards: gather the module's own parameters for the block
-        (a collective — every rank must enter it)."""
+        """Gather an FSDP module's own parameters (outside a forward it holds shards); every rank must enter."""
         from torch.distributed.fsdp import FSDPModule
 
         if not isinstance(module, FSDPModule):
@@ -168,9 +149,8 @@ class DistributedContext:
         finally:
             module.reshard()
 
-    def shard_batches(self, batches: list[Batch]) -> list[Batch]:
-        """Every world_size-th batch, topped up with fully ignored copies so every rank runs equally many forwards
-        (FSDP's collectives need that)."""
+    def shard_batches(self, batches: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        """Every world_size-th batch, topped up with fully ignored copies: FSDP needs equally many forwards per rank."""
         if not batches or not self.enabled:
             return batches
         mine = batches[self.rank :: self.world_size]
@@ -187,8 +167,7 @@ class DistributedContext:
         for i, r in enumerate(results):
             nats, tokens, norm, residual = sums[4 * i : 4 * i + 4]
             n = max(tokens, 1.0)
-            looped = r.state_norm is not None
-            means = {"state_norm": norm / n, "residual": residual / n} if looped else {}
+            means = {"state_norm": norm / n, "residual": residual / n} if r.state_norm is not None else {}
             reduced.append(dataclasses.replace(r, loss=nats / n, tokens=int(tokens), **means))
         return reduced
 
@@ -217,41 +196,34 @@ class DistributedContext:
     def load_checkpoint(
         self, manager: CheckpointManager, path: Path, model: Parcae, optimizer: MuonAdamW
     ) -> dict[str, Any]:
-        """Restore model and optimiser on every rank; returns the trainer state. Rank 0 alone reads and verifies
-        the files; DCP broadcasts (and shards) the tensors, so only rank 0 holds the full state in memory."""
+        """Restore model and optimiser on all ranks (rank 0 reads; DCP broadcasts, shards); return the trainer state."""
         if not self.enabled:
             return manager.load(path, model, optimizer)
         from torch.distributed.checkpoint import state_dict as dcp
 
         def read() -> tuple[dict[str, Tensor], Snapshot]:
             snapshot = manager.read(path)
-            # The single-process check (`Optimizer.load_state_dict`), made before any collective.
             mine = [len(g["params"]) for g in optimizer.param_groups]
             theirs = [len(g["params"]) for g in snapshot.optimizer["param_groups"]]
-            if mine != theirs:
+            if mine != theirs:  # the single-process check (`Optimizer.load_state_dict`), before any collective
                 sizes = f"parameter groups of sizes {theirs}, expected {mine}"
                 raise CheckpointError(f"checkpoint {path} does not match this optimizer: {sizes}")
             return _cpu_model(model.config, snapshot.weights).state_dict(), snapshot  # checked; tied head added
 
         weights, snapshot = self.on_main(read, share=False) or ({}, None)  # the others get ({}, None)
         saved = snapshot.optimizer if snapshot else {}
-        summary = (snapshot.state, saved["param_groups"], bool(saved["state"])) if snapshot else None
-        box = [summary]
-        tdist.broadcast_object_list(box, src=0)
-        state, groups, has_state = box[0]
+        state, groups, has_state = self.on_main(lambda: (snapshot.state, saved["param_groups"], bool(saved["state"])))
         options = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         dcp.set_model_state_dict(model, weights, options=options)
         if not has_state:  # a checkpoint taken before any update: restore the hyper-parameters, drop any state
             optimizer.load_state_dict({"state": {}, "param_groups": groups})
             return state
-        by_name = {}
-        if snapshot is not None:  # DCP keys the optimiser state by parameter name
-            names = parameter_names(model, optimizer)
-            by_name = {
-                "state": {names[int(i)]: value for i, value in snapshot.optimizer["state"].items()},
-                "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in groups],
-            }
-        dcp.set_optimizer_state_dict(model, optimizer, by_name, options=options)
+        names = parameter_names(model, optimizer)  # DCP keys the optimiser state by parameter name
+        by_name = {
+            "state": {names[int(i)]: value for i, value in saved.get("state", {}).items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in groups],
+        }
+        dcp.set_optimizer_state_dict(model, optimizer, by_name if snapshot else {}, options=options)
         return state
 
 
@@ -279,8 +251,7 @@ def _cpu_model(config: Any, weights: dict[str, Tensor]) -> Parcae:
 
 
 class InterleavedPacker:
-    """The micro-batches of a W-rank run in one process, rank by rank: with grad_accum = W (× the ranks' own) a
-    single-process trainer computes a W-rank DDP run's gradient exactly, to check a cluster run on one device."""
+    """A W-rank run's micro-batches, rank by rank: with grad_accum × W one process computes its DDP gradient exactly."""
 
     def __init__(self, packers: Sequence[BestFitPacker]) -> None:
         self.packers = list(packers)

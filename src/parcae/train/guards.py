@@ -1,8 +1,4 @@
-"""Guardrails: a run stops with a reason and a diagnosis rather than train on numbers that mean nothing
-(repeated non-finite steps, divergence above `divergence_factor` × ln V, loss spikes).
-"""
-
-from __future__ import annotations
+"""Guardrails, with a diagnosis: non-finite steps, divergence (loss above `divergence_factor` × ln V), loss spikes."""
 
 import math
 from collections.abc import Callable
@@ -24,38 +20,29 @@ class Guards:
         self.loss_ema: float | None = None  # the running mean spikes are measured against
 
     def check_skips(self, record: dict[str, Any]) -> None:
-        """Count non-finite steps in a row (after each step); too many stop the run."""
         self.skips = self.skips + 1 if record["skipped"] else 0
         if self.skips >= self.config.max_consecutive_skips:
             raise TrainingError(self._stop(record, f"{self.skips} consecutive steps had a non-finite loss or gradient"))
 
-    def spike(self, record: dict[str, Any]) -> str | None:
-        """The message when the step's loss is a spike (once the mean has settled: after step 20), else None."""
-        loss, factor = record["loss"], self.config.spike_factor
-        if factor > 0 and self.loss_ema is not None and record["step"] > 20 and loss > factor * self.loss_ema:
-            return (
-                f"step {record['step']}: loss spike {loss:.3f} > {factor} × running mean {self.loss_ema:.3f} "
-                f"({self.diagnose(record)})"
-            )
-        return None
-
-    def update_mean(self, loss: float) -> None:
-        self.loss_ema = loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * loss
+    def check_spike(self, record: dict[str, Any]) -> str | None:
+        """The spike message (after step 20: the mean has settled) or None; the mean takes all but rolled-back ones."""
+        step, loss, factor, mean = record["step"], record["loss"], self.config.spike_factor, self.loss_ema
+        spiked = factor > 0 and mean is not None and step > 20 and loss > factor * mean
+        if not (spiked and self.config.rollback_on_spike):
+            self.loss_ema = loss if mean is None else 0.95 * mean + 0.05 * loss
+        if not spiked:
+            return None
+        return f"step {step}: loss spike {loss:.3f} > {factor} × running mean {mean:.3f} ({self.diagnose(record)})"
 
     def divergence(self, record: dict[str, Any]) -> str | None:
         """The error when this (finite) step makes the run one that diverged, else None."""
         factor = self.config.divergence_factor
         bound = factor * math.log(self.vocab_size)
-        if factor <= 0 or not record["loss"] > bound:
-            self.diverged = 0
-            return None
-        self.diverged += 1
+        self.diverged = self.diverged + 1 if factor > 0 and record["loss"] > bound else 0
         if self.diverged < self.config.max_consecutive_skips:
             return None
-        what = (
-            f"the training loss stayed above {factor:g} × ln {self.vocab_size} = {bound:.2f} "
-            f"(worse than guessing uniformly) for {self.diverged} consecutive steps"
-        )
+        above = f"{factor:g} × ln {self.vocab_size} = {bound:.2f} (worse than guessing uniformly)"
+        what = f"the training loss stayed above {above} for {self.diverged} consecutive steps"
         return f"{self._stop(record, what)} (--set divergence_factor=0 disables this)"
 
     def diagnose(self, record: dict[str, Any]) -> str:
@@ -70,7 +57,5 @@ class Guards:
         return ", ".join(parts) or "the optimisation diverged"
 
     def _stop(self, record: dict[str, Any], what: str) -> str:
-        return (
-            f"{what}; stopping at step {record['step']}. Likely cause: {self.diagnose(record)}. "
-            "Lower the learning rate or use injection=diagonal (ρ(Ā) < 1)."
-        )
+        advice = "Lower the learning rate or use injection=diagonal (ρ(Ā) < 1)."
+        return f"{what}; stopping at step {record['step']}. Likely cause: {self.diagnose(record)}. {advice}"

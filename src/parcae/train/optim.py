@@ -1,6 +1,5 @@
 """The paper's optimiser: Muon (Polar Express, NorMuon, cautious weight decay) for the hidden matrices of
-Attention/MLP, AdamW for everything else (Table 20). Parameters are assigned by module type, never by name.
-"""
+Attention/MLP, AdamW for everything else (Table 20). Parameters are assigned by module type, never by name."""
 
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ from torch.optim.adamw import adamw
 from ..model.layers import MLP, Attention
 from .config import TrainConfig
 
-# Polar Express coefficients (a, b, c) for 5 iterations of X ← aX + b(XXᵀ)X + c(XXᵀ)²X, from the
-# Polar Express paper (arXiv 2505.16932) with a 2 % safety factor — the schedule the paper's Muon uses.
+# Coefficients (a, b, c) of 5 steps X ← aX + b(XXᵀ)X + c(XXᵀ)²X, Polar Express (arXiv 2505.16932), 2 % safety factor.
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -38,14 +36,11 @@ def orthogonalize(update: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     for a, b, c in POLAR_EXPRESS[:steps]:
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    if transposed:
-        x = x.mT
-    return x.to(update.dtype)
+    return (x.mT if transposed else x).to(update.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Each param group has `algorithm` ∈ {"muon", "adamw"}: one optimiser keeps checkpoints and LR schedules
-    uniform (the trainer scales each group's `lr` from its `base_lr` and sets Muon's schedules per step)."""
+    """Each param group's `algorithm` ∈ {"muon", "adamw"}: one optimiser keeps checkpoints and LR schedules uniform."""
 
     def __init__(self, param_groups: list[dict]) -> None:
         defaults = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, beta2=0.95, ns_steps=5)
@@ -62,10 +57,7 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            if group["algorithm"] == "muon":
-                self._muon_step(group)
-            else:
-                self._adamw_step(group)
+            (self._muon_step if group["algorithm"] == "muon" else self._adamw_step)(group)
         return loss
 
     def _adamw_step(self, group: dict) -> None:
@@ -82,14 +74,12 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["step"] = state["step"].to(p.device)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        # torch's AdamW kernel (same maths as torch.optim.AdamW): one fused pass over each tensor instead of
-        # the ~8 elementwise passes of a hand-written step — the step is memory-bound on the embedding tables.
+        # torch's AdamW kernel (torch.optim.AdamW's maths), fused: one pass, not ~8 (memory-bound on the embeddings).
         fused = all(p.device.type in ("cpu", "cuda") and type(p) is nn.Parameter for p in params)
         adamw(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [], [s["step"] for s in states], fused=fused, foreach=None if fused else False, amsgrad=False,
+            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states], fused=fused, foreach=None if fused else False, amsgrad=False, maximize=False,
             beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-            maximize=False,
         )  # fmt: skip
 
     def _muon_step(self, group: dict) -> None:
@@ -123,10 +113,8 @@ class MuonAdamW(torch.optim.Optimizer):
         return state
 
     def _normuon(self, update: Tensor, params: list[Tensor], group: dict) -> Tensor:
-        """NorMuon: scale each row (tall) / column (wide) of the stacked updates [n, rows, cols] by its running RMS,
-        keeping each update's norm; updates the second moments of `params`."""
-        rows, cols = update.shape[-2:]
-        reduce_dim = -1 if rows >= cols else -2
+        """NorMuon: each row (tall) / column (wide) of [n, rows, cols] over its running RMS (updated); norms kept."""
+        reduce_dim = -1 if update.shape[-2] >= update.shape[-1] else -2
         second = torch.stack([self.state[p]["second_moment"] for p in params])
         second.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1 - group["beta2"])
         for i, p in enumerate(params):
@@ -137,26 +125,22 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _apply_update(p: Tensor, step: Tensor, group: dict) -> None:
-        """Cautious weight decay (only where the update agrees in sign with p), then the step, with the LR scaled
-        by √max(1, rows/cols)."""
-        rows, cols = p.shape
+        """Cautious weight decay (where the update agrees in sign with p), then the step at LR·√max(1, rows/cols)."""
         if group["weight_decay"]:
             cautious = (step * p) >= 0
             p.sub_(p * cautious, alpha=group["lr"] * group["weight_decay"])
-        p.sub_(step, alpha=group["lr"] * math.sqrt(max(1.0, rows / cols)))
+        p.sub_(step, alpha=group["lr"] * math.sqrt(max(1.0, p.shape[0] / p.shape[1])))
 
 
 class ShardedMuonAdamW(MuonAdamW):
-    """`MuonAdamW` for FSDP2-sharded (DTensor) parameters. AdamW and the momentum are element-wise and stay
-    sharded; Muon's direction is all-gathered per matrix and orthogonalised on every rank (identical inputs, so an
-    identical update), and each rank applies its own rows, mirroring `MuonAdamW._muon_step` op for op."""
+    """`MuonAdamW` for FSDP2 DTensors: AdamW and the momentum stay sharded; Muon's direction is all-gathered per matrix,
+    orthogonalised identically on every rank, and each rank applies its own rows (op for op as `MuonAdamW`)."""
 
     def _muon_step(self, group: dict) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         if not any(isinstance(p, DTensor) for p in group["params"]):
-            super()._muon_step(group)
-            return
+            return super()._muon_step(group)
         beta = group["momentum"]
         for params in self._by_shape(group):
             directions = []
@@ -179,19 +163,15 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
             for child in module.children():
                 if isinstance(child, nn.Linear) and child is not getattr(module, "ve_gate", None):
                     muon[id(child.weight)] = child.weight
-    adamw = [p for p in model.parameters() if id(p) not in muon]
-    return list(muon.values()), adamw
+    return list(muon.values()), [p for p in model.parameters() if id(p) not in muon]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, *, sharded: bool = False) -> MuonAdamW:
     """The optimiser `config` names over `model`; `sharded`: its parameters are FSDP2 DTensors."""
+    muon, rest = split_parameters(model) if config.optimizer == "muon" else ([], list(model.parameters()))
     adam = dict(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        groups = [dict(params=list(model.parameters()), algorithm="adamw", lr=config.lr, **adam)]
-    else:  # muon (TrainConfig admits no other)
-        muon, rest = split_parameters(model)
-        groups = [dict(params=rest, algorithm="adamw", lr=config.lr, **adam)]
-        if muon:  # NorMuon's β₂ and the number of Polar Express steps are the recipe's, not settings
-            muon_settings = dict(momentum=config.muon_momentum, weight_decay=config.muon_weight_decay, beta2=0.95)
-            groups.append(dict(params=muon, algorithm="muon", lr=config.muon_lr, **muon_settings, ns_steps=5))
+    groups = [dict(params=rest, algorithm="adamw", lr=config.lr, **adam)]
+    if muon:  # NorMuon's β₂ and the number of Polar Express steps are the recipe's, not settings
+        muon_settings = dict(momentum=config.muon_momentum, weight_decay=config.muon_weight_decay, beta2=0.95)
+        groups.append(dict(params=muon, algorithm="muon", lr=config.muon_lr, **muon_settings, ns_steps=5))
     return (ShardedMuonAdamW if sharded else MuonAdamW)(groups)

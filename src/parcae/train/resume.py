@@ -1,72 +1,38 @@
-"""Resuming a run: which checkpoint, where the data stream continues (at any world size), a new budget.
+"""Resuming a run, step for step as if never stopped: which checkpoint, the data at any world size, a new budget."""
 
-A resumed run reproduces the uninterrupted one step for step (docs/reliability.md).
-"""
-
-from __future__ import annotations
-
-import base64
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data.packing import BestFitPacker, rank_documents
-from .budget import budget_steps
+from .budget import Echo, budget_steps
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import BUDGETS, RUN_CONFIG, TrainConfig
 
 
-def trainer_state(
-    progress: dict[str, Any], packers: list[dict[str, Any]], distributed: bool, loss_ema: float | None, last_val: dict
-) -> dict[str, Any]:
-    """What a checkpoint holds besides model and optimiser (`packers`: every rank's data position)."""
-    return {
-        "progress": dict(progress),
-        **({"packers": packers} if distributed else {"packer": packers[0]}),
-        "loss_ema": loss_ema,
-        "rng": {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()},
-        "last_val": {str(k): v for k, v in last_val.items()},
-    }
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"]["torch"])), dtype=torch.uint8))
-
-
 def checkpoint_to_resume(checkpoints: CheckpointManager, run_dir: Path, checkpoint: str | None) -> Path:
     """The named checkpoint, else the one `latest` names; neither there: an error naming the newest intact one."""
-    if checkpoint is not None:
-        path = checkpoints.root / checkpoint
-        if not path.is_dir():
-            raise CheckpointError(f"no checkpoint {checkpoint} in {checkpoints.root}")
-        return path
-    path = checkpoints.latest()
+    path = checkpoints.latest() if checkpoint is None else checkpoints.root / checkpoint
     if path is not None and path.is_dir():
         return path  # verified when it is read
-    # No pointer (a crash before the first one was written) or one naming nothing (damage): rather than guess,
-    # name the newest intact checkpoint.
+    if checkpoint is not None:
+        raise CheckpointError(f"no checkpoint {checkpoint} in {checkpoints.root}")
+    # No pointer (a crash before the first was written) or one naming nothing (damage): name the newest intact one.
     newest = checkpoints.newest_valid()
-    if newest is not None:
-        problem = "has no checkpoint pointer (checkpoints/latest is missing)"
-        if path is not None:
-            problem = f"has a checkpoint pointer naming {path.name!r}, which does not exist"
-        raise CheckpointError(
-            f"{run_dir} {problem}; the newest intact checkpoint is {newest.name}: resume from it with "
-            f"--checkpoint {newest.name}"
-        )
-    raise CheckpointError(
-        f"{run_dir} has no checkpoint to resume from (it stopped before its first one); start it again with --overwrite"
-    )
+    if newest is None:
+        why = "it stopped before its first one"
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from ({why}); start it again with --overwrite")
+    problem = "has no checkpoint pointer (checkpoints/latest is missing)"
+    if path is not None:
+        problem = f"has a checkpoint pointer naming {path.name!r}, which does not exist"
+    remedy = f"the newest intact checkpoint is {newest.name}: resume from it with --checkpoint {newest.name}"
+    raise CheckpointError(f"{run_dir} {problem}; {remedy}")
 
 
 def restore_data_position(
-    packer: BestFitPacker, state: dict[str, Any], config: TrainConfig, echo: Callable[[str], None]
+    packer: BestFitPacker, state: dict[str, Any], config: TrainConfig, echo: Echo
 ) -> tuple[TrainConfig, list[dict[str, Any]]]:
-    """The packer where the run left off; at another world size also keep the global batch if possible.
-    Returns the config (grad_accum adjusted) and the events to log."""
+    """The packer where the run left off; at another world size the global batch too, via grad_accum, if it can."""
     saved = state["packers"] if "packers" in state else [state["packer"]]
     note = restore_packer(packer, saved)
     if note is None:
@@ -80,9 +46,8 @@ def restore_data_position(
         new, now = config, config.batch_size * config.grad_accum * world_size
         batch = f"the global batch changes from {config.batch_size * rows} to {now} rows"
     echo(f"world size {before} → {world_size}: {batch}; {note}")
-    step = state["progress"]["step"]
-    event = {"event": "world_size", "step": step, "from": before, "to": world_size, "grad_accum": new.grad_accum}
-    return new, [{**event, "data": note}]
+    event = {"event": "world_size", "step": state["progress"]["step"], "from": before, "to": world_size}
+    return new, [{**event, "grad_accum": new.grad_accum, "data": note}]
 
 
 def restore_packer(packer: BestFitPacker, saved: list[dict[str, Any]]) -> str | None:
@@ -104,10 +69,8 @@ def restore_packer(packer: BestFitPacker, saved: list[dict[str, Any]]) -> str | 
     # A cursor at the end of epoch E's permutation: the packer's next refill starts epoch E + 1.
     end = len(rank_documents(packer.store.num_docs, packer.rank, packer.world_size))
     packer.load_state_dict({**fresh, "epoch": epoch, "cursor": end, "buffer": mine})
-    return (
-        f"data: resumed {len(saved)} rank(s) as {packer.world_size}: {len(pending)} pending document pieces "
-        f"carried over, then epoch {epoch + 1} of the new partition"
-    )
+    carried = f"{len(pending)} pending document pieces carried over, then epoch {epoch + 1} of the new partition"
+    return f"data: resumed {len(saved)} rank(s) as {packer.world_size}: {carried}"
 
 
 def with_budget(saved: TrainConfig, requested: TrainConfig | None) -> TrainConfig:
@@ -118,23 +81,20 @@ def with_budget(saved: TrainConfig, requested: TrainConfig | None) -> TrainConfi
 
 
 def budget_change(
-    saved: TrainConfig, config: TrainConfig, tokens_per_step: int, step: int, echo: Callable[[str], None]
+    saved: TrainConfig, config: TrainConfig, tokens_per_step: int, step: int, echo: Echo
 ) -> tuple[TrainConfig, list[dict[str, Any]]]:
-    """A resume with a new budget keeps the run's warm-up (a fraction of another budget would move it) and says
-    what else moves. Returns the config (warm-up adjusted) and the events to log."""
-    old, new = _budget_of(saved), _budget_of(config)
+    """A new budget on resume keeps the warm-up (as a fraction of the budget it would move) and says what else moves."""
+    (old, old_text), (new, new_text) = _budget(saved), _budget(config)
     if old == new:
         return config, []
-    parts = [f"budget {_budget_text(saved)} → {_budget_text(config)}"]
-    old_steps = budget_steps(saved, tokens_per_step)
-    adjusted = config
+    parts = [f"budget {old_text} → {new_text}"]
+    old_steps, adjusted = budget_steps(saved, tokens_per_step), config
     if config.warmup_steps is not None:
         parts.append(f"warm-up stays {config.warmup_steps:,} steps")
     elif config.warmup > 0 and old_steps is not None:
         kept = max(1, round(config.warmup * old_steps))
         adjusted = dataclasses.replace(config, warmup_steps=kept)
-        unit = "step" if kept == 1 else "steps"
-        parts.append(f"warm-up kept at {kept:,} {unit} (warmup_steps={kept} in {RUN_CONFIG})")
+        parts.append(f"warm-up kept at {kept:,} step{'' if kept == 1 else 's'} (warmup_steps={kept} in {RUN_CONFIG})")
     elif config.warmup > 0 and saved.minutes is not None and config.minutes is not None:
         fraction = config.warmup * saved.minutes / config.minutes  # the same seconds of the new budget
         if fraction + config.cooldown <= 1.0:
@@ -145,8 +105,7 @@ def budget_change(
     elif config.warmup > 0:
         parts.append(f"warm-up is now {config.warmup:.0%} of the new budget")
     if config.schedule == "trapezoid" and config.cooldown > 0:
-        start = 1.0 - config.cooldown
-        now, was = _budget_point(config, start, tokens_per_step), _budget_point(saved, start, tokens_per_step)
+        now, was = (_budget_point(c, 1.0 - config.cooldown, tokens_per_step) for c in (config, saved))
         parts.append(f"the cooldown now starts at {now} (was {was})")
     elif config.schedule == "cosine":
         parts.append("the cosine decay now spans the new budget")
@@ -155,20 +114,13 @@ def budget_change(
     return adjusted, [{**event, "warmup": adjusted.warmup, "warmup_steps": adjusted.warmup_steps}]
 
 
-def _budget_of(config: TrainConfig) -> dict[str, float]:
-    return {name: getattr(config, name) for name in BUDGETS if getattr(config, name) is not None}
-
-
-def _budget_text(config: TrainConfig) -> str:
-    if config.steps is not None:
-        return f"{config.steps:,} steps"
-    if config.tokens is not None:
-        return f"{config.tokens:,} tokens"
-    return f"{config.minutes:g} min" if config.minutes is not None else "none"
+def _budget(config: TrainConfig) -> tuple[dict[str, float], str]:
+    """The budget given (at most one of BUDGETS), and in words."""
+    budget = {name: getattr(config, name) for name in BUDGETS if getattr(config, name) is not None}
+    units = {"steps": "{:,} steps", "tokens": "{:,} tokens", "minutes": "{:g} min"}
+    return budget, next((units[name].format(value) for name, value in budget.items()), "none")
 
 
 def _budget_point(config: TrainConfig, fraction: float, tokens_per_step: int) -> str:
     steps = budget_steps(config, tokens_per_step)
-    return (
-        f"step {round(fraction * steps):,}" if steps is not None else f"{fraction * (config.minutes or 0.0):,.3g} min"
-    )
+    return f"{fraction * (config.minutes or 0.0):,.3g} min" if steps is None else f"step {round(fraction * steps):,}"

@@ -1,7 +1,5 @@
 """Open a trained model for evaluation or generation: a run directory or a `save_pretrained` directory."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ def open_run(path: str | Path, *, checkpoint: str | None = None, device: str | t
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory (expected a run or a saved model).")
+    train_config, weights = None, path  # a save_pretrained directory holds config, weights and tokenizer
     if (path / RUN_CONFIG).is_file():
         _, train_config = load_run_config(path)
         manager = CheckpointManager(path)
@@ -40,14 +39,11 @@ def open_run(path: str | Path, *, checkpoint: str | None = None, device: str | t
         if weights is None or not weights.is_dir():
             raise FileNotFoundError(f"{path} has no checkpoint{' ' + checkpoint if checkpoint else ''} yet.")
         manager.verify(weights)
-        tokenizer_dir = path
-    elif (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-        train_config, weights, tokenizer_dir = None, path, path
-    else:
+    elif not ((path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
         raise FileNotFoundError(f"{path} is neither a training run ({RUN_CONFIG}) nor a saved model ({CONFIG_FILE}).")
     model = Parcae.from_pretrained(weights, device=device).eval()
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer in {tokenizer_dir} does not fit the model (vocab {tokenizer.vocab_size} > "
-                         f"{model.config.vocab_size}).")  # fmt: skip
+        vocab = f"vocab {tokenizer.vocab_size} > {model.config.vocab_size}"
+        raise ValueError(f"the tokenizer in {path} does not fit the model ({vocab}).")
     return LoadedRun(model=model, tokenizer=tokenizer, path=path, weights=weights, train_config=train_config)

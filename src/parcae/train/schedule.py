@@ -8,19 +8,15 @@ SCHEDULES = ("trapezoid", "cosine", "constant")
 
 
 def lr_multiplier(progress: float, kind: str, warmup: float, cooldown: float, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base LR: a linear warm-up over the first `warmup` fraction, then constant; trapezoid:
-    linear decay to `min_ratio` over the last `cooldown` fraction (the paper: 0 % warm-up, 50 % cooldown to 0);
-    cosine: cosine decay to `min_ratio` after the warm-up."""
+    """Base-LR multiplier: linear warm-up over the first `warmup` fraction; then constant, trapezoid (linear decay to
+    `min_ratio` over the last `cooldown` fraction; the paper: 0 % warm-up, 50 % cooldown) or cosine to `min_ratio`."""
     progress = min(max(progress, 0.0), 1.0)
     if warmup > 0 and progress < warmup:
         return progress / warmup
-    if kind == "constant":
+    if kind == "constant" or (kind == "trapezoid" and (cooldown <= 0 or progress < 1.0 - cooldown)):
         return 1.0
     if kind == "trapezoid":
-        if cooldown <= 0 or progress < 1.0 - cooldown:
-            return 1.0
-        remaining = (1.0 - progress) / cooldown
-        return min_ratio + (1.0 - min_ratio) * remaining
+        return min_ratio + (1.0 - min_ratio) * ((1.0 - progress) / cooldown)
     if kind == "cosine":
         phase = (progress - warmup) / max(1.0 - warmup, 1e-12)
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * phase))
@@ -38,9 +34,8 @@ def scheduled_lr(
     cooldown: float,
     min_ratio: float = 0.0,
 ) -> float:
-    """The LR multiplier of step `step` (0-based; `fraction` of a time budget when `total_steps` is None), read at
-    the step's middle so no step gets exactly zero. `warmup_steps` replaces `warmup`: as the equivalent fraction,
-    or under a time budget as a linear ramp (a warm-up in steps survives a resume with a new budget)."""
+    """The LR multiplier of step `step` (0-based) read at its middle, so none is zero, or at `fraction` of a time budget
+    (total_steps None). `warmup_steps` replaces `warmup`; under a time budget as a ramp (it survives a new budget)."""
     position = fraction if total_steps is None else (step + 0.5) / total_steps
     if warmup_steps is None:
         return lr_multiplier(position, kind, warmup, cooldown, min_ratio)

@@ -1,10 +1,6 @@
-"""The trainer: data → model → optimiser steps, with validation per depth, checkpoints and guardrails.
+"""The trainer: optimiser steps, validation per depth, checkpoints and guardrails; under torchrun every rank runs it."""
 
-Under torchrun every rank runs it; `DistributedContext` holds what differs between ranks (identity alone).
-"""
-
-from __future__ import annotations
-
+import base64
 import contextlib
 import dataclasses
 import json
@@ -12,7 +8,6 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +28,14 @@ from .distributed import DistributedContext
 from .guards import Guards, TrainingError
 from .metrics import MetricsLog, loop_metrics, truncate_metrics
 from .optim import build_optimizer
-from .resume import budget_change, checkpoint_to_resume, restore_data_position, restore_rng, trainer_state, with_budget
+from .resume import budget_change, checkpoint_to_resume, restore_data_position, with_budget
 from .rundir import METRICS_FILE, SUMMARY_FILE, claim_run_dir, prepare_data, validation_batches
 from .schedule import muon_momentum, muon_weight_decay, scheduled_lr
 
-# Periodic checkpoint writes that may fail in a row (disk full, …) before the run stops.
-MAX_CHECKPOINT_FAILURES = 3
+MAX_CHECKPOINT_FAILURES = 3  # periodic checkpoint writes that may fail in a row (disk full, …) before the run stops
 
 
-@dataclass
+@dataclasses.dataclass
 class Progress:
     """Counters that a checkpoint restores."""
 
@@ -69,8 +63,7 @@ class Trainer:
         overwrite: bool = False,
         status_every: float = 0.0,
     ) -> None:
-        """`parallel` overrides the config's (a choice of each launch); `overwrite` moves a run in `run_dir` aside.
-        A new run that fails to start removes what it created, so the same command can simply be given again."""
+        """`parallel` overrides the config's; `overwrite` moves a run in `run_dir` aside; a failed start is undone."""
         self._started = time.perf_counter()  # for the summary's wall_seconds
         self.run_dir = Path(run_dir)
         self.on_backward = on_backward  # test hook: called after backward, before clipping
@@ -86,9 +79,8 @@ class Trainer:
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.echo = echo if self.dist.is_main else lambda _: None
         self.progress_bar = progress_bar and self.dist.is_main
-        every = 0.0 if progress_bar else status_every
         val_depth = model_config.mean_recurrence if model_config.is_looped else None
-        self.display = ProgressDisplay(self.progress_bar, every, config.minutes, self.echo, val_depth)
+        self.display = ProgressDisplay(self.progress_bar, status_every, config.minutes, self.echo, val_depth)
         self.model_config, self.config = model_config, config
         self.seq_len = config.seq_len or model_config.max_seq_len
         if self.seq_len > model_config.max_seq_len:
@@ -110,7 +102,6 @@ class Trainer:
         if self.device.type == "cpu" and config.tune_allocator:
             tune_cpu_allocator()
         torch.manual_seed(config.seed)
-
         # Rank 0 tokenizes (once per run) and saves the tokenizer; the others wait.
         data_dir = self.dist.on_main(lambda: prepare_data(config, model_config, run_dir, self.echo, self.progress_bar))
         self.tokenizer = load_tokenizer(data_dir)
@@ -118,15 +109,12 @@ class Trainer:
         self.packer = self.rank_packer(self.rank, self.world_size)
         batches, self.validation_note = validation_batches(config, data_dir, self.seq_len, self.tokenizer, self.echo)
         self.val_batches = self.dist.shard_batches(batches)  # this rank's share
-
-        self.model = Parcae(model_config).to(self.device)  # the same seed: the same weights on every rank
-        self.model.depth_sampler = DepthSampler(
-            model_config, seed=config.seed, rank=self.rank, lockstep=config.lockstep
-        )
+        self.model = model = Parcae(model_config).to(self.device)  # the same seed: the same weights on every rank
+        model.depth_sampler = DepthSampler(model_config, seed=config.seed, rank=self.rank, lockstep=config.lockstep)
         if config.compile:
-            self.model.compile_loop()
-        self.engine = self.dist.wrap(self.model)  # what the training forward calls (DDP wrapper / FSDP model)
-        self.optimizer = build_optimizer(self.model, config, sharded=self.dist.sharded)
+            model.compile_loop()
+        self.engine = self.dist.wrap(model)  # what the training forward calls (DDP wrapper / FSDP model)
+        self.optimizer = build_optimizer(model, config, sharded=self.dist.sharded)
         self.checkpoints = CheckpointManager(run_dir, keep=config.keep_checkpoints)
         self.progress = Progress()
         self.guards = Guards(config, model_config.vocab_size, self._spectral_radius)
@@ -137,6 +125,7 @@ class Trainer:
         self._checkpointed: tuple[int, Path] | None = None  # (step, path) of the checkpoint last written or read
         events = [] if saved_train is None else self._resume(checkpoint, saved_train)
         self.metrics_file = MetricsLog(run_dir, self.config) if self.dist.is_main else None
+        self._log = self.metrics_file.write if self.metrics_file is not None else lambda _: None  # rank 0 logs
         for event in events:
             self._log(event)
 
@@ -152,7 +141,7 @@ class Trainer:
         self.progress = progress = Progress(**state["progress"])
         self.config, events = restore_data_position(self.packer, state, self.config, self.echo)
         self.guards.loss_ema = state.get("loss_ema")
-        restore_rng(state)
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"]["torch"])), dtype=torch.uint8))
         self._checkpointed = (progress.step, path)
         if self.dist.is_main:
             truncate_metrics(self.run_dir / METRICS_FILE, progress.step)
@@ -170,17 +159,15 @@ class Trainer:
         return budget_steps(self.config, self.tokens_per_step)
 
     def fraction_done(self) -> float:
-        if self.config.minutes is not None:
-            return self.progress.elapsed / (60.0 * self.config.minutes)
-        return self.progress.step / self.total_steps
+        minutes = self.config.minutes
+        return self.progress.step / self.total_steps if minutes is None else self.progress.elapsed / (60.0 * minutes)
 
     def budget_allows_step(self) -> bool:
         """Steps and tokens count exactly; a time budget stops before a step that, with the validation or
         checkpoint due after it, is expected to overrun it. Every rank decides alike: the times are agreed."""
         if self.config.minutes is None:
             return self.fraction_done() < 1.0
-        validates, checkpoints = self._due_after(self.progress.step + 1)
-        estimate = self.loop_times.estimate(validates=validates, checkpoints=checkpoints)
+        estimate = self.loop_times.estimate(*self._due_after(self.progress.step + 1))
         return time_allows_step(self.progress.elapsed, 60.0 * self.config.minutes, estimate)
 
     def _due_after(self, step: int) -> tuple[bool, bool]:
@@ -189,23 +176,20 @@ class Trainer:
         return validates, step % self.config.checkpoint_every == 0
 
     def train(self) -> dict[str, Any]:
-        cfg = self.config
-        if cfg.steps is None and cfg.tokens is None and cfg.minutes is None:
+        if self.config.steps is None and self.config.tokens is None and self.config.minutes is None:
             raise ValueError("give a training budget: --steps, --tokens or --minutes.")
         start = {"event": "start", "step": self.progress.step, "params": self.model.num_parameters()}
         start.update(tokens_per_step=self.tokens_per_step, device=str(self.device))
         if self.dist.enabled:
-            start.update(world_size=self.world_size, parallel=cfg.parallel)
+            start.update(world_size=self.world_size, parallel=self.config.parallel)
         self._log(start)
         try:
             self._train_loop()
+            if not self._stop_requested and self.val_batches and self.progress.step % self.config.eval_every:
+                self._validate()
+            path = self._checkpoint(final=True)
             if self._stop_requested:
-                path = self._final_checkpoint()
                 self.echo(f"stopped at step {self.progress.step}; checkpoint {path.name} saved. Resume with --resume.")
-            else:
-                if self.val_batches and self.progress.step % cfg.eval_every:
-                    self._validate()
-                self._final_checkpoint()
             return self._write_summary(interrupted=self._stop_requested)
         finally:
             # Drop the DDP wrapper before leaving the group: were its C++ reducer the group's last owner, freeing
@@ -216,8 +200,7 @@ class Trainer:
     def _train_loop(self) -> None:
         progress = self.progress
         self.display.open(self.total_steps, progress.step, progress.elapsed)
-        # SIGTERM (e.g. from a scheduler) finishes the step, checkpoints and exits cleanly; with several ranks
-        # Ctrl-C does too: a rank interrupted mid-collective could never checkpoint.
+        # SIGTERM, and Ctrl-C with several ranks (one stopped mid-collective could never checkpoint), stop cleanly.
         previous = {}
         for signum in (signal.SIGTERM, signal.SIGINT) if self.dist.enabled else (signal.SIGTERM,):
             with contextlib.suppress(ValueError):  # not in the main thread
@@ -227,8 +210,7 @@ class Trainer:
             while self.budget_allows_step() and not self._stop_requested:
                 record = self._train_step()
                 now = time.perf_counter()
-                # Since the last mark: this step and the logging after the previous one. Every rank takes the
-                # slowest rank's time and stops if any was asked to, or one would wait forever in a collective.
+                # This step and the last logging; ranks agree on the slowest's time and stop together (or one hangs).
                 seconds, stop = self.dist.all_reduce([now - mark, float(self._stop_requested)], op="max")
                 self._stop_requested = stop > 0
                 progress.elapsed += seconds
@@ -237,14 +219,10 @@ class Trainer:
                 ran = self._after_step(record)
                 if ran:  # validated or checkpointed (every rank alike): that time counts too, agreed by all ranks
                     mark = time.perf_counter()
-                    validation, checkpoint, spent = self.dist.all_reduce(
-                        [ran.get("validation", 0.0), ran.get("checkpoint", 0.0), mark - now], op="max"
-                    )
+                    *durations, spent = self.dist.all_reduce([*ran.values(), mark - now], op="max")
                     progress.elapsed += spent
-                    if "validation" in ran:
-                        self.loop_times.add_validation(validation)
-                    if "checkpoint" in ran:
-                        self.loop_times.add_checkpoint(checkpoint)
+                    for add_time, seconds in zip(ran, durations, strict=True):
+                        add_time(seconds)
                 self.display.show(record, self.last_val, progress.elapsed, self.fraction_done(), time.perf_counter())
         except KeyboardInterrupt:
             self._stop_requested = True
@@ -267,7 +245,6 @@ class Trainer:
                 group["weight_decay"] = muon_weight_decay(fraction, cfg.muon_weight_decay)
         model.train()
         losses, metrics = [], []
-        finite = True
         for micro in range(cfg.grad_accum):
             inputs, labels = (t.to(self.device, non_blocking=True) for t in self.packer.next_batch())
             with self.dist.gradient_sync(self.engine, enabled=micro == cfg.grad_accum - 1):
@@ -276,94 +253,78 @@ class Trainer:
                 progress.micro_step += 1
                 progress.tokens += inputs.numel() * self.world_size
                 loss = out.loss.float()
+                losses.append(loss.item())
                 metrics.append(out.metrics)  # also of a non-finite step: ‖h_T‖ is what diagnoses it
-                if torch.isfinite(loss):
-                    losses.append(loss.item())
-                else:
-                    finite = False
-                # Backward even through a non-finite loss: the step is skipped anyway, and every rank must
-                # take part in the same gradient reductions.
+                # Backward through a non-finite loss too: every rank must join the same gradient reductions.
                 (loss / cfg.grad_accum).backward()
         if self.on_backward is not None:
             self.on_backward(progress.step, model)
         params = [p for p in model.parameters() if p.grad is not None]
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = self.dist.clip_grad_norm(params, clip) if params else float("nan")
-        # One all-reduce: every rank logs the global mean loss and skips exactly when any rank saw a non-finite
-        # loss or gradient (telemetry in `metrics` stays this rank's own).
-        nonfinite = not finite or not math.isfinite(grad_norm)
-        loss_sum, count, bad = self.dist.all_reduce([sum(losses), len(losses), nonfinite])
+        # One all-reduce: all ranks log the global mean loss and skip when any saw a non-finite loss or gradient.
+        finite = [value for value in losses if math.isfinite(value)]
+        nonfinite = len(finite) < len(losses) or not math.isfinite(grad_norm)
+        loss_sum, count, bad = self.dist.all_reduce([sum(finite), len(finite), nonfinite])
         skipped = bad > 0
-        if skipped:
-            progress.skipped += 1
-        else:
+        if not skipped:
             self.optimizer.step()
+        progress.skipped += int(skipped)
         self.optimizer.zero_grad(set_to_none=True)
         progress.step += 1
-        record: dict[str, Any] = {
-            "step": progress.step,
-            "loss": loss_sum / count if count else float("nan"),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": grad_norm,
-            "tokens": progress.tokens,
-            "skipped": skipped,
-        }
-        if self.model_config.is_looped:  # a fixed-depth Transformer has no loop telemetry
+        mean_loss = loss_sum / count if count else float("nan")
+        record: dict[str, Any] = {"step": progress.step, "loss": mean_loss, "lr": self.optimizer.param_groups[0]["lr"]}
+        record.update(grad_norm=grad_norm, tokens=progress.tokens, skipped=skipped)
+        if self.model_config.is_looped:  # this rank's own loop telemetry (a fixed-depth Transformer has none)
             record.update(loop_metrics(metrics))
         return record
 
-    def _after_step(self, record: dict[str, Any]) -> dict[str, float]:
-        """Guardrails, logging, and the validation and checkpoint that are due: the seconds of those that ran."""
+    def _after_step(self, record: dict[str, Any]) -> dict[Callable[[float], None], float]:
+        """Guardrails, logging, and the due validation and checkpoint: their seconds, keyed by LoopTimes' recorder."""
         progress = self.progress
         record["tok_per_s"] = progress.tokens / max(progress.elapsed, 1e-9)
         if record["skipped"]:
             self._log({**record, "event": "skip"})
             self.echo(f"step {progress.step}: non-finite loss or gradient, step skipped ({progress.skipped} so far)")
         else:
-            self._check_spike(record)
+            mean = self.guards.loss_ema
+            spike = self.guards.check_spike(record)
+            if spike is not None:
+                self._log({"event": "spike", "step": progress.step, "loss": record["loss"], "mean": mean})
+                self.echo(spike)
+                if self.config.rollback_on_spike:
+                    self._rollback()
         self.guards.check_skips(record)
-        logged = progress.step % self.config.log_every == 0 or progress.step == 1
-        if logged:
+        error = None if record["skipped"] else self.guards.divergence(record)
+        if error or progress.step % self.config.log_every == 0 or progress.step == 1:  # a fatal step is logged too
             self._log(record)
-        if not record["skipped"] and (error := self.guards.divergence(record)):
-            if not logged:  # metrics.jsonl shows the step that stopped the run
-                self._log(record)
+        if error:
             raise TrainingError(error)
-        tasks = {"validation": self._validate, "checkpoint": self._periodic_checkpoint}
-        ran: dict[str, float] = {}
-        for (name, run), due in zip(tasks.items(), self._due_after(progress.step), strict=True):
+        times = self.loop_times
+        tasks = {self._validate: times.add_validation, self._checkpoint: times.add_checkpoint}
+        ran: dict[Callable[[float], None], float] = {}
+        for (task, add_time), due in zip(tasks.items(), self._due_after(progress.step), strict=True):
             if due:
                 started = time.perf_counter()
-                run()
-                ran[name] = time.perf_counter() - started
+                task()
+                ran[add_time] = time.perf_counter() - started
         return ran
-
-    def _check_spike(self, record: dict[str, Any]) -> None:
-        message = self.guards.spike(record)
-        if message is not None:
-            self._log({"event": "spike", "step": record["step"], "loss": record["loss"], "mean": self.guards.loss_ema})
-            self.echo(message)
-            if self.config.rollback_on_spike:
-                self._rollback()
-                return
-        self.guards.update_mean(record["loss"])
 
     def _rollback(self) -> None:
         """Restore model and optimiser from the latest checkpoint; the data stream keeps moving forward."""
-        progress = self.progress
-        if progress.rollbacks >= self.config.max_rollbacks:
-            raise TrainingError(f"loss spiked again after {progress.rollbacks} rollbacks; stopping.")
+        if self.progress.rollbacks >= self.config.max_rollbacks:
+            raise TrainingError(f"loss spiked again after {self.progress.rollbacks} rollbacks; stopping.")
         path = self.dist.on_main(self.checkpoints.latest)
         if path is None:
             self.echo("no checkpoint to roll back to yet; continuing.")
             return
         state = self.dist.load_checkpoint(self.checkpoints, path, self.model, self.optimizer)
-        progress.rollbacks += 1
+        self.progress.rollbacks += 1
         self.guards.loss_ema = state.get("loss_ema")
-        self._log({"event": "rollback", "step": progress.step, "to": path.name})
-        self.echo(f"rolled back weights to {path.name}; the data stream continues from step {progress.step}.")
+        self._log({"event": "rollback", "step": self.progress.step, "to": path.name})
+        self.echo(f"rolled back weights to {path.name}; the data stream continues from step {self.progress.step}.")
 
-    def _validate(self) -> list[DepthResult]:
+    def _validate(self) -> None:
         looped = self.model_config.is_looped
         depths = self.config.depths_to_evaluate(self.model_config.mean_recurrence)
         if not looped:
@@ -377,7 +338,6 @@ class Trainer:
             entry.update(rho_A=self._spectral_radius(), state_norm=_by_depth(results, "state_norm"))
             entry["recurrent_residual"] = _by_depth(results, "residual")
         self._log(entry)
-        return results
 
     def _spectral_radius(self) -> float | None:
         """ρ(Ā) of a looped model (with FSDP the injection's shards are gathered: every rank must call this)."""
@@ -386,60 +346,46 @@ class Trainer:
         with self.dist.full_parameters(self.model):
             return float(self.model.injection.spectral_radius())
 
-    def _periodic_checkpoint(self) -> None:
-        """A failed write (disk full, …) leaves earlier checkpoints intact and training goes on, since the cause may
-        pass; MAX_CHECKPOINT_FAILURES in a row stop the run, as training on only grows what a crash would lose."""
-        try:
-            self._save_checkpoint()
-        except CheckpointWriteError as err:
-            self._checkpoint_failures += 1
-            self._log({"event": "checkpoint_failed", "step": self.progress.step, "error": str(err)})
-            if self._checkpoint_failures >= MAX_CHECKPOINT_FAILURES:
-                failures = f"{self._checkpoint_failures} checkpoint writes failed in a row; stopping"
-                raise CheckpointWriteError(f"{err} ({failures}){self._resume_hint()}") from None
-            retry = self.progress.step + self.config.checkpoint_every
-            self.echo(f"warning: {err}. Training continues; the next checkpoint is tried at step {retry}.")
-        else:
-            self._checkpoint_failures = 0
-
-    def _final_checkpoint(self) -> Path:
-        """The checkpoint of the step training ends at (not written again if the last interval saved it)."""
-        if self._checkpointed is not None and self._checkpointed[0] == self.progress.step:
+    def _checkpoint(self, final: bool = False) -> Path | None:
+        """This step's checkpoint (a final one not saved twice). A failed periodic write (disk full, …) keeps earlier
+        ones and training goes on; MAX_CHECKPOINT_FAILURES in a row stop it, as going on grows what a crash loses."""
+        step = self.progress.step
+        if final and self._checkpointed is not None and self._checkpointed[0] == step:
             return self._checkpointed[1]
-        try:
-            return self._save_checkpoint()
-        except CheckpointWriteError as err:
-            raise CheckpointWriteError(f"{err}{self._resume_hint()}") from None
-
-    def _resume_hint(self) -> str:
-        latest = self.checkpoints.latest()
-        return f"; once the cause is fixed, --resume {self.run_dir} continues from {latest.name}" if latest else ""
-
-    def _save_checkpoint(self) -> Path:
         packers = self.dist.all_gather_object(self.packer.state_dict())  # every rank's data position
-        state = trainer_state(vars(self.progress), packers, self.dist.enabled, self.guards.loss_ema, self.last_val)
-        path = self.dist.save_checkpoint(self.checkpoints, self.progress.step, self.model, self.optimizer, state)
-        self._checkpointed = (self.progress.step, path)
-        self._log({"event": "checkpoint", "step": self.progress.step, "path": path.name})
+        data = {"packers": packers} if self.dist.enabled else {"packer": packers[0]}
+        rng = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+        state = {"progress": dict(vars(self.progress)), **data, "loss_ema": self.guards.loss_ema, "rng": rng}
+        state["last_val"] = {str(k): v for k, v in self.last_val.items()}  # `_resume` reads all this back
+        try:
+            path = self.dist.save_checkpoint(self.checkpoints, step, self.model, self.optimizer, state)
+        except CheckpointWriteError as err:
+            if not final:
+                self._checkpoint_failures += 1
+                self._log({"event": "checkpoint_failed", "step": step, "error": str(err)})
+                if self._checkpoint_failures < MAX_CHECKPOINT_FAILURES:
+                    retry = step + self.config.checkpoint_every
+                    self.echo(f"warning: {err}. Training continues; the next checkpoint is tried at step {retry}.")
+                    return None
+            failures = "" if final else f" ({self._checkpoint_failures} checkpoint writes failed in a row; stopping)"
+            latest = self.checkpoints.latest()
+            hint = f"; once the cause is fixed, --resume {self.run_dir} continues from {latest.name}" if latest else ""
+            raise CheckpointWriteError(f"{err}{failures}{hint}") from None
+        self._checkpoint_failures = 0
+        self._checkpointed = (step, path)
+        self._log({"event": "checkpoint", "step": step, "path": path.name})
         return path
 
-    def _log(self, entry: dict[str, Any]) -> None:
-        if self.metrics_file is not None:  # rank 0
-            self.metrics_file.write(entry)
-
     def _write_summary(self, interrupted: bool) -> dict[str, Any]:
-        summary = {
-            "run_dir": str(self.run_dir),
-            "steps": self.progress.step,
-            "tokens": self.progress.tokens,
-            "train_seconds": round(self.progress.elapsed, 2),  # the time a --minutes budget counts
-            "wall_seconds": round(time.perf_counter() - self._started, 2),  # this process, setup included
-            "skipped_steps": self.progress.skipped,
-            "final_val_loss": {str(k): v for k, v in self.last_val.items()} if self.last_val else None,
-            **({"validation": self.validation_note} if self.validation_note else {}),
-            "interrupted": interrupted,
-            "latest_checkpoint": str(self.checkpoints.latest()),
-        }
+        progress = self.progress
+        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "steps": progress.step, "tokens": progress.tokens}
+        summary["train_seconds"] = round(progress.elapsed, 2)  # the time a --minutes budget counts
+        summary["wall_seconds"] = round(time.perf_counter() - self._started, 2)  # this process, setup included
+        summary["skipped_steps"] = progress.skipped
+        summary["final_val_loss"] = {str(k): v for k, v in self.last_val.items()} or None
+        if self.validation_note:
+            summary["validation"] = self.validation_note
+        summary.update(interrupted=interrupted, latest_checkpoint=str(self.checkpoints.latest()))
         if self.metrics_file is not None:
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             self.metrics_file.close()
