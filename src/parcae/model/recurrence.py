@@ -153,7 +153,7 @@ def run_loop(step: StepFn, h: Tensor, plan: DepthPlan, inputs: LoopInputs) -> Lo
     done.append(state.h)
     final = done[0] if len(done) == 1 else torch.cat(done[::-1], dim=0)
     sampled = float(plan.total.float().mean(1).sum()) if plan.per_token else float(plan.total.sum())
-    return LoopResult(state.unpermute(final), state.unpermute(state.residual).mean(), state.executed, sampled)
+    return LoopResult(state.unpermute(final), state.residual.mean(), state.executed, sampled)
 
 
 class _Rows:
